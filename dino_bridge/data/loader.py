@@ -1,0 +1,49 @@
+"""The training DataLoader.
+
+Randomness lives in the sampler (order), the dataset (views, from (seed, rank, position)) and the
+collate (masks, from the batch's first position), never in worker state, so the batches are identical
+for any ``num_workers``. The trainer computes the resume position itself (iterations × batch size):
+the sampler object runs ahead of training because workers prefetch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from dino_bridge.data.sampler import ShardedInfiniteSampler
+from dino_bridge.data.ssl_dataset import SSLTrainDataset
+
+
+def build_train_loader(
+    dataset: SSLTrainDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    sampler: ShardedInfiniteSampler,
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> DataLoader:
+    """An endless loader of collated batches (``drop_last``; persistent workers when ``num_workers > 0``)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    worker_options: dict[str, Any] = {}
+    if num_workers > 0:
+        worker_options["persistent_workers"] = True
+        if prefetch_factor is not None:
+            worker_options["prefetch_factor"] = prefetch_factor
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=True,
+        **worker_options,
+    )
