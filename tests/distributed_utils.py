@@ -2,7 +2,7 @@
 
 ``spawn(fn, world_size, *args)`` starts ``world_size`` processes with ``torch.multiprocessing``,
 initialises a gloo process group on a free local port in each, calls ``fn(rank, world_size, *args)``
-and returns the list of per-rank return values (they must be picklable). An exception on any rank
+and returns the list of per-rank return values (picklable; tensors are carried as numpy arrays). An exception on any rank
 fails the caller with that rank's traceback.
 """
 
@@ -32,12 +32,36 @@ def _entry(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        queue.put((rank, "ok", _pack(result)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _Packed:
+    """A tensor crossing the process boundary as a numpy array. A tensor put on the queue as is
+    lives in shared memory that disappears when its rank exits, which races with the parent."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.array = tensor.detach().cpu().numpy()
+
+
+def _map(value, fn):
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    return fn(value)
+
+
+def _pack(value):
+    return _map(value, lambda v: _Packed(v) if torch.is_tensor(v) else v)
+
+
+def _unpack(value):
+    return _map(value, lambda v: torch.from_numpy(v.array) if isinstance(v, _Packed) else v)
 
 
 def spawn(fn, world_size: int, *args, timeout: float = 300.0):
@@ -63,7 +87,7 @@ def spawn(fn, world_size: int, *args, timeout: float = 300.0):
                 errors.append(f"timed out after {timeout:.0f}s (a hang in a collective?)")
             continue
         if status == "ok":
-            results[rank] = payload
+            results[rank] = _unpack(payload)
         else:
             errors.append(f"rank {rank} failed:\n{payload}")
     for p in procs:
