@@ -1,0 +1,40 @@
+"""``dino-bridge``: train | eval knn | quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        from .train.args import main as train_main
+
+        return train_main(argv[1:], prog="dino-bridge train")
+
+    parser = argparse.ArgumentParser(prog="dino-bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="pretrain from a config (see dino-bridge train --help)")
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True)
+    from .eval import run_knn
+
+    run_knn.add_arguments(protocols.add_parser("knn", help="weighted kNN on the frozen CLS"))
+    from . import quickstart
+
+    quickstart.add_arguments(
+        commands.add_parser("quickstart", help="train a small ViT on Fashion-MNIST on CPU")
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "eval":
+            return run_knn.main(args)
+        return quickstart.main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Frozen-backbone features for evaluation: load an exported backbone, embed a labelled image set."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ..data import EvalTransform, ImageFolderDataset, ImageLoadError, build_demo_dataset
+from ..data.datasets import DEMO_DATASETS
+from ..models import build_vit
+
+logger = logging.getLogger("dino_bridge")
+
+
+def load_backbone(checkpoint: str | Path, which: str = "teacher") -> tuple[nn.Module, dict]:
+    """The ``teacher`` (or ``student``) backbone exported in a checkpoint, in eval mode, on CPU.
+
+    ``checkpoint`` is one checkpoint folder, a ``ckpt`` folder or a run directory (latest checkpoint).
+    """
+    from ..train.checkpoint import resolve_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    weights = path / f"{which}_backbone.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found (was checkpointing.save_student false?)")
+    spec = json.loads((path / "backbone.json").read_text())
+    with torch.device("meta"):
+        model = build_vit(spec["arch"], drop_path_rate=0.0, **spec["kwargs"])
+    model.to_empty(device="cpu")
+    state = load_file(str(weights))
+    model.load_state_dict(state, strict=True)  # a mismatch is an error, never uninitialised weights
+    model.eval()
+    spec["checkpoint"] = str(path)
+    return model, spec
+
+
+def random_backbone(spec: dict, seed: int = 0) -> nn.Module:
+    """The backbone of ``spec`` at its initialisation (the 'before training' baseline)."""
+    with torch.device("meta"):
+        model = build_vit(spec["arch"], drop_path_rate=0.0, **spec["kwargs"])
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model.eval()
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """(image tensor, label) pairs; unreadable images yield None and are dropped by ``collate``."""
+
+    def __init__(self, source, transform, indices: np.ndarray | None = None):
+        if getattr(source, "labels", None) is None:
+            raise ValueError(f"{type(source).__name__} has no labels; kNN needs labelled data")
+        self.source = source
+        self.transform = transform
+        self.indices = np.arange(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = int(self.indices[i])
+        try:
+            image = self.source.load(index)
+        except ImageLoadError as e:
+            return None, str(e)
+        return (self.transform(image), self.source.labels[index]), None
+
+
+def _collate(items):
+    good = [item for item, _ in items if item is not None]
+    errors = [err for _, err in items if err is not None]
+    if not good:
+        return None, None, errors
+    images = torch.stack([img for img, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return images, labels, errors
+
+
+def labelled_source(spec: str, default_split: str):
+    """A demo name (``fashion-mnist`` or ``fashion-mnist:test``) or an image folder (class = subfolder)."""
+    name, _, split = spec.partition(":")
+    if name in DEMO_DATASETS:
+        return build_demo_dataset(name, split or default_split)
+    path = Path(spec)
+    if not path.is_dir():
+        valid = ", ".join(sorted(DEMO_DATASETS))
+        raise FileNotFoundError(f"{spec!r} is neither an image folder nor a demo dataset ({valid})")
+    return ImageFolderDataset(path, labelled=True)
+
+
+def subset_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
+    if limit is None or limit >= n:
+        return None
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    source,
+    transform,
+    *,
+    indices: np.ndarray | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L2-normalised CLS features [n, D] on CPU, labels [n])."""
+    loader = torch.utils.data.DataLoader(
+        LabelledImages(source, transform, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    model = model.to(device).eval()
+    feats, labels, skipped = [], [], 0
+    for images, batch_labels, errors in loader:
+        for err in errors:
+            logger.warning("eval: skipped %s", err)
+        skipped += len(errors)
+        if images is None:
+            continue
+        out = model(images.to(device))
+        feats.append(torch.nn.functional.normalize(out.float(), dim=1).cpu())
+        labels.append(batch_labels)
+    if not feats:
+        raise ValueError("no readable images to evaluate")
+    if skipped:
+        logger.warning("eval: %d unreadable images skipped", skipped)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def eval_transform_for(spec: dict, image_size: int | None = None) -> EvalTransform:
+    size = image_size or int(spec["kwargs"]["img_size"])
+    return EvalTransform(size, rgb_mean=tuple(spec["rgb_mean"]), rgb_std=tuple(spec["rgb_std"]))

@@ -1,0 +1,5 @@
+import sys
+
+from .args import main
+
+sys.exit(main())

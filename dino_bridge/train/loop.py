@@ -1,0 +1,366 @@
+"""The training loop. One iteration reads top to bottom:
+
+    batch → teacher targets → student outputs → losses → backward → gradient sync → clip
+          → (skip if non-finite on any rank) → step → EMA → log → checkpoint
+
+Every random draw of iteration ``it`` on rank ``r`` comes from generators seeded with
+(seed, r, it) — the data pipeline's from (seed, r, stream position) — so a resumed run repeats an
+uninterrupted one exactly, with no RNG stream to save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from ..config import ConfigError, save_config
+from ..config.features import find_problems, superseded_notes
+from ..distributed import dist
+from ..distributed.data_parallel import average_gradients_
+from ..distributed.device import Runtime
+from ..seeding import derive_seed
+from . import build
+from .checkpoint import (
+    checkpoint_root,
+    find_latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .ema import copy_student_to_teacher_, ema_update_
+from .meta_arch import LOSS_TERMS, SSLMetaArch
+from .metrics import MetricsFile, StepTimer, format_record, peak_memory_mb, progress_bar, setup_logging
+from .optim import apply_schedules
+
+logger = logging.getLogger("dino_bridge")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainingRun:
+    """Everything the loop works on, built once."""
+
+    cfg: DictConfig
+    runtime: Runtime
+    output_dir: Path
+    meta: SSLMetaArch
+    optimizer: torch.optim.Optimizer
+    schedules: build.TrainingSchedules
+    total_iters: int
+    autocast_dtype: torch.dtype | None
+
+    @property
+    def student(self) -> nn.ModuleDict:
+        return self.meta.student
+
+    @property
+    def teacher(self) -> nn.ModuleDict:
+        return self.meta.teacher
+
+
+def build_run(cfg: DictConfig, runtime: Runtime, output_dir: Path) -> TrainingRun:
+    device = runtime.device
+    with torch.device("meta"):
+        student = build.build_model_parts(cfg, student=True)
+        teacher = build.build_model_parts(cfg, student=False)
+    student.to_empty(device=device)
+    teacher.to_empty(device=device)
+    build.init_model_parts_(student, int(cfg.train.seed))
+    copy_student_to_teacher_(teacher, student)
+    dino_assigner, ibot_assigner = build.build_assigners(cfg)
+    meta = SSLMetaArch(student, teacher, dino_assigner, ibot_assigner, build.loss_settings(cfg)).to(device)
+    param_dtype = str(cfg.compute_precision.param_dtype)
+    return TrainingRun(
+        cfg=cfg,
+        runtime=runtime,
+        output_dir=output_dir,
+        meta=meta,
+        optimizer=build.build_student_optimizer(cfg, student, device),
+        schedules=build.build_schedules(cfg, runtime.world_size),
+        total_iters=build.total_iterations(cfg),
+        autocast_dtype=None if param_dtype == "fp32" else build.DTYPES[param_dtype],
+    )
+
+
+def _autocast(run: TrainingRun):
+    if run.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=run.runtime.device.type, dtype=run.autocast_dtype)
+
+
+def _log_execution_settings(cfg: DictConfig, runtime: Runtime) -> None:
+    notes = superseded_notes(cfg)
+    for key in ("compile", "checkpointing", "cudagraphs"):
+        if cfg.train[key]:
+            notes.append(f"train.{key}=true: not applied on this path (plain data parallel)")
+    if runtime.world_size > 1 and cfg.compute_precision.parallel != "dp":
+        notes.append(
+            "compute_precision.sharding_strategy: FSDP2 is not applied on this path (plain data parallel)"
+        )
+    for note in notes:
+        logger.info(note)
+
+
+# ------------------------------------------------------------------------------ the stages
+def teacher_targets(run: TrainingRun, batch: dict, teacher_temp: float) -> dict:
+    with _autocast(run):
+        return run.meta.teacher_targets(batch, teacher_temp)
+
+
+def student_losses(run: TrainingRun, batch: dict, targets: dict) -> tuple[torch.Tensor, dict]:
+    with _autocast(run):
+        outputs = run.meta.student_outputs(batch)
+        return run.meta.compute_losses(outputs, targets, batch)
+
+
+def clip_gradients(run: TrainingRun) -> dict[str, float]:
+    """Per-part gradient clipping (each part at optim.clip_grad); returns the pre-clip norms."""
+    max_norm = float(run.cfg.optim.clip_grad)
+    norms = {}
+    for name, module in run.student.items():
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norms[f"{name}_grad_norm"] = float(norm)
+    return norms
+
+
+def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
+    """Fill every DTCH window with no-grad teacher passes; returns the number of batches used."""
+    windows = [a for a in run.meta.assigners.values() if hasattr(a, "history_full")]
+    if not windows:
+        return 0
+    temperature = run.schedules.at(start_iteration)["teacher_temp"]
+    used = 0
+    bar = None
+    while True:
+        batch = build.move_batch(next(batches), run.runtime.device)
+        teacher_targets(run, batch, temperature)
+        used += 1
+        if used == 1:
+            capacity = max(a.capacity or 1 for a in windows)
+            logger.info("dtch: filling the history windows with %d teacher passes", capacity)
+            bar = progress_bar(capacity, 1, run.runtime.is_main)
+        elif bar is not None:
+            bar.update(1)
+        if all(a.history_full for a in windows):
+            break
+    if bar is not None:
+        bar.close()
+    return used
+
+
+def _reduced_record(run: TrainingRun, it: int, terms: dict, total: torch.Tensor, extra: dict) -> dict:
+    device = run.runtime.device
+    values = torch.stack([terms[k].detach().float() for k in LOSS_TERMS] + [total.detach().float()]).to(
+        device
+    )
+    dist.all_reduce_(values, op="mean")
+    record = {"iteration": it}
+    for key, value in zip((*LOSS_TERMS, "total_loss"), values.tolist()):
+        record[key] = value
+    for key, weight in run.meta.weights.items():
+        record[f"{key}_weight"] = weight
+    record.update(extra)
+    return record
+
+
+# ------------------------------------------------------------------------------ the loop
+def train(
+    cfg: DictConfig,
+    runtime: Runtime,
+    output_dir: str | Path,
+    checkpoint_dir: str | None = None,
+    resume: bool = True,
+) -> dict:
+    """Train from ``cfg``; returns a summary (last record, checkpoint path)."""
+    output_dir = Path(output_dir)
+    setup_logging(output_dir, runtime.is_main, runtime.rank)
+    logger.info("device: %s", runtime.describe())
+    if runtime.note:
+        logger.info(runtime.note)
+
+    run_start = _resume_source(output_dir, checkpoint_dir, resume)
+    problems = find_problems(cfg)
+    if problems:
+        raise ConfigError("this config cannot run yet:\n  - " + "\n  - ".join(map(str, problems)))
+    _log_execution_settings(cfg, runtime)
+    cfg.train.output_dir = str(output_dir)
+    if runtime.is_main:
+        save_config(cfg, output_dir / "config.yaml")
+
+    run = build_run(cfg, runtime, output_dir)
+    kind = build.assigner_kind(cfg)
+    logger.info("teacher targets: %s for the DINO CLS and the iBOT patch targets", kind)
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    start_iter, warmup_batches = 0, 0
+    if run_start is not None:
+        logger.info("resuming from %s", run_start)
+        state = load_checkpoint(run_start, student=run.student, teacher=run.teacher, optimizer=run.optimizer)
+        start_iter, warmup_batches = int(state["iteration"]), int(state["warmup_batches"])
+        for name, assigner in run.meta.assigners.items():
+            assigner.load_state_dict(state["assigners"][name])
+    elif runtime.world_size > 1:
+        from ..distributed.data_parallel import broadcast_parameters_
+
+        broadcast_parameters_(run.meta.student)
+        broadcast_parameters_(run.meta.teacher)
+
+    source = build.build_train_source(cfg)
+    position = (start_iter + warmup_batches) * batch_size
+    loader = build.build_loader(
+        cfg,
+        source,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        start_position=position,
+        pin_memory=runtime.device.type == "cuda",
+    )
+    batches = iter(loader)
+    if run_start is None and kind == "dtch" and cfg.dtch.warmup_history:
+        warmup_batches = warmup_history(run, batches, start_iter)
+
+    summary = _loop(run, batches, start_iter, warmup_batches)
+    return summary
+
+
+def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -> Path | None:
+    if checkpoint_dir:
+        return resolve_checkpoint(checkpoint_dir)
+    if resume:
+        return find_latest_checkpoint(checkpoint_root(output_dir))
+    return None
+
+
+def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> dict:
+    cfg, runtime = run.cfg, run.runtime
+    seed, log_period = int(cfg.train.seed), max(1, int(cfg.train.log_period))
+    period = int(cfg.checkpointing.period)
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
+    timer, bar = StepTimer(), progress_bar(run.total_iters, start_iter, runtime.is_main)
+    warned: set[str] = set()
+    skipped_images = torch.zeros(1, dtype=torch.long, device=runtime.device)
+    streak, record, last_ckpt = 0, {}, None
+    student_params = [p for p in run.student.parameters() if p.requires_grad]
+
+    for it in range(start_iter, run.total_iters):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        timer.add_data_wait(time.perf_counter() - t0)
+        for name in batch.get("skipped", []):
+            if name not in warned:
+                warned.add(name)
+                logger.warning("skipped an unreadable image: %s", name)
+        skipped_images += len(batch.get("skipped", []))
+        batch = build.move_batch(batch, runtime.device)
+        torch.manual_seed(derive_seed(seed, runtime.rank, "step", it))
+        sched = run.schedules.at(it)
+        apply_schedules(run.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
+        snapshots = {name: a.snapshot() for name, a in run.meta.assigners.items()}
+
+        targets = teacher_targets(run, batch, sched["teacher_temp"])
+        total, terms = student_losses(run, batch, targets)
+        total.backward()
+        total = total.detach()
+        average_gradients_(student_params)
+        grad_norms = clip_gradients(run)
+
+        finite = math.isfinite(total.item()) and all(math.isfinite(v) for v in grad_norms.values())
+        if dist.any_rank(not finite, runtime.device):
+            streak += 1
+            for name, assigner in run.meta.assigners.items():
+                assigner.restore(snapshots[name])
+            run.optimizer.zero_grad(set_to_none=True)
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            logger.warning(
+                "iteration %d: non-finite loss or gradient on some rank, step skipped (%s)", it, values
+            )
+            if streak >= int(cfg.train.max_nonfinite_steps):
+                raise NonFiniteLossError(
+                    f"training stopped at iteration {it}: {streak} consecutive non-finite steps"
+                    f" (total_loss={float(total):.4g}; {values}); last checkpoint: {last_ckpt or 'none'}"
+                )
+        else:
+            streak = 0
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            ema_update_(run.teacher, run.student, sched["mom"])
+        timer.steps += 1
+        bar.update(1)
+
+        if (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter:
+            sec_per_step, data_share, _ = timer.summary()
+            total_skipped = dist.all_reduce(skipped_images, op="sum")
+            extra = {
+                **sched,
+                **grad_norms,
+                "images_per_sec": batch_size * runtime.world_size / sec_per_step,
+                "data_wait_share": data_share,
+                "max_mem_mb": peak_memory_mb(runtime.device),
+                "skipped_images": int(total_skipped.item()),
+                "skipped_step": not finite,
+            }
+            for name, assigner in run.meta.assigners.items():
+                for key, value in assigner.diagnostics().items():
+                    extra[f"{build.assigner_kind(cfg)}/{name}/{key}"] = value
+            record = _reduced_record(run, it, terms, total, extra)
+            metrics.write(record)
+            logger.info(format_record(record))
+            bar.set_postfix(loss=f"{record['total_loss']:.3f}", data=f"{100 * data_share:.0f}%")
+            timer.reset()
+
+        if (it + 1) % period == 0 or it + 1 == run.total_iters:
+            last_ckpt = _save(run, it + 1, warmup_batches)
+    bar.close()
+    if warned:
+        logger.warning(
+            "%d unreadable image(s) were skipped and replaced by other images: %s",
+            len(warned),
+            ", ".join(sorted(warned)),
+        )
+    return {
+        "last_record": record,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "skipped": sorted(warned),
+    }
+
+
+def _save(run: TrainingRun, iteration: int, warmup_batches: int) -> Path:
+    cfg = run.cfg
+    trainer_state = {
+        "iteration": iteration,
+        "warmup_batches": warmup_batches,
+        "samples_consumed_per_rank": (iteration + warmup_batches) * int(cfg.train.batch_size_per_gpu),
+        "world_size": run.runtime.world_size,
+        "seed": int(cfg.train.seed),
+        "assigners": {name: a.state_dict() for name, a in run.meta.assigners.items()},
+    }
+    root = checkpoint_root(run.output_dir)
+    path = save_checkpoint(
+        root,
+        iteration,
+        student=run.student,
+        teacher=run.teacher,
+        optimizer=run.optimizer,
+        trainer_state=trainer_state,
+        backbone_spec=build.backbone_spec(cfg),
+        save_student=bool(cfg.checkpointing.save_student),
+    )
+    prune_checkpoints(root, int(cfg.checkpointing.max_to_keep), int(cfg.checkpointing.keep_every))
+    logger.info("checkpoint: %s", path)
+    return path

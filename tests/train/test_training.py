@@ -1,0 +1,238 @@
+"""End-to-end runs of the real trainer on tiny models (CPU, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dino_bridge.train import loop as loop_module
+from dino_bridge.train.checkpoint import find_latest_checkpoint
+from dino_bridge.train.meta_arch import SSLMetaArch
+from tests.helpers import (
+    CONFIGS,
+    LOSS_KEYS,
+    REPO,
+    make_image_folder,
+    read_metrics,
+    run_training,
+    tiny_config,
+    tiny_overrides,
+)
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_run_losses.json"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"), n=24)
+
+
+def _losses(records: list[dict]) -> dict[int, list[float]]:
+    return {r["iteration"]: [r[k] for k in LOSS_KEYS] for r in records}
+
+
+def test_golden_losses(images, tmp_path):
+    """A deterministic tiny run reproduces the stored per-step losses (regenerate: tests/golden/README.md)."""
+    golden = json.loads(GOLDEN.read_text())
+    cfg = tiny_config(images, iterations=golden["iterations"], period=100, extra=golden["overrides"])
+    run_training(cfg, tmp_path / "run")
+    got = _losses(read_metrics(tmp_path / "run"))
+    assert sorted(got) == list(range(golden["iterations"]))
+    for it, expected in enumerate(golden["losses"]):
+        np.testing.assert_allclose(got[it], expected, rtol=2e-5, atol=1e-6, err_msg=f"iteration {it}")
+
+
+def test_resume_from_a_checkpoint_is_exact(images, tmp_path):
+    run_training(tiny_config(images, iterations=6, period=3), tmp_path / "full")
+    full = _losses(read_metrics(tmp_path / "full"))
+    # A second run that only has the first checkpoint resumes from it (auto-resume from the output dir).
+    shutil.copytree(tmp_path / "full" / "ckpt" / "3", tmp_path / "resumed" / "ckpt" / "3")
+    run_training(tiny_config(images, iterations=6, period=3), tmp_path / "resumed")
+    resumed = _losses(read_metrics(tmp_path / "resumed"))
+    assert sorted(resumed) == [3, 4, 5]
+    for it in (3, 4, 5):
+        assert resumed[it] == full[it], f"iteration {it}: {resumed[it]} != {full[it]}"
+    # the final weights are identical too
+    a = torch.load(tmp_path / "full/ckpt/6/trainer_state.pt", weights_only=False)
+    b = torch.load(tmp_path / "resumed/ckpt/6/trainer_state.pt", weights_only=False)
+    assert a["samples_consumed_per_rank"] == b["samples_consumed_per_rank"]
+    from safetensors.torch import load_file
+
+    ta = load_file(tmp_path / "full/ckpt/6/teacher_backbone.safetensors")
+    tb = load_file(tmp_path / "resumed/ckpt/6/teacher_backbone.safetensors")
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_explicit_checkpoint_dir_wins_and_no_resume_starts_over(images, tmp_path):
+    run_training(tiny_config(images, iterations=4, period=2), tmp_path / "a")
+    run_training(tiny_config(images, iterations=4, period=2), tmp_path / "b", checkpoint_dir=str(tmp_path / "a/ckpt/2"))
+    assert sorted(_losses(read_metrics(tmp_path / "b"))) == [2, 3]
+    run_training(tiny_config(images, iterations=4, period=2), tmp_path / "b", resume=False)
+    assert sorted(_losses(read_metrics(tmp_path / "b"))) == [0, 1, 2, 3]
+
+
+def _cli(output: Path, images: Path, iterations: int, period: int) -> list[str]:
+    overrides = tiny_overrides(images, iterations=iterations, period=period)
+    return [
+        sys.executable,
+        "-m",
+        "dino_bridge.train",
+        "--config-file",
+        str(CONFIGS / "smoke_cpu.yaml"),
+        "--output-dir",
+        str(output),
+        *overrides,
+    ]
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(images, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_cli(tmp_path / "clean", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True)
+    clean = _losses(read_metrics(tmp_path / "clean"))
+
+    victim = subprocess.Popen(
+        _cli(tmp_path / "killed", images, 12, 2), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while find_latest_checkpoint(tmp_path / "killed" / "ckpt") is None and victim.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    latest = int(find_latest_checkpoint(tmp_path / "killed" / "ckpt").name)
+    assert latest < 12
+
+    subprocess.run(_cli(tmp_path / "killed", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True)
+    resumed = _losses(read_metrics(tmp_path / "killed"))
+    assert sorted(resumed) == list(range(12)), "metrics.jsonl must read as one uninterrupted run"
+    for it in range(12):
+        assert resumed[it] == clean[it], f"iteration {it} (resumed from {latest})"
+
+
+def _odd_and_broken_images(root: Path) -> tuple[Path, list[str], list[str]]:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    good = []
+    for i in range(6):
+        path = root / f"good{i}.png"
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+        good.append(path)
+    odd = {
+        "gray.jpg": Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L"),
+        "cmyk.jpg": Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "CMYK"),
+        "rgba.png": Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8), "RGBA"),
+        "sixteen.png": Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16)),
+        "palette.gif": Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).convert("P"),
+    }
+    for name, image in odd.items():
+        image.save(root / name)
+    jpeg = root / "full.jpg"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
+    (root / "truncated.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 3])
+    jpeg.unlink()
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not an image\n")
+    broken = ["truncated.jpg", "empty.jpg", "text.jpg", "missing.jpg"]
+    lines = [p.name for p in good] + list(odd) + broken
+    listing = root / "list.txt"
+    listing.write_text("# odd formats and broken files\n\n" + "\n".join(lines) + "\n")
+    return listing, list(odd), broken
+
+
+def test_corrupt_and_odd_images_train_to_the_end(tmp_path, caplog):
+    listing, odd, broken = _odd_and_broken_images(tmp_path / "data")
+    overrides = [
+        "data.fashion_mnist.root=null",
+        f"data.fashion_mnist.txt_path={listing}",
+    ]
+    cfg = tiny_config(tmp_path / "unused", iterations=6, period=100, extra=overrides + ["dtch.warmup_history=false"])
+    summary = run_training(cfg, tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["iteration"] for r in records] == list(range(6))
+    skipped = summary["skipped"]
+    # 15 files, 24 draws: every file came up; exactly the four broken ones were skipped (with a reason)
+    assert sorted(s.split(" (")[0].rsplit("/", 1)[-1] for s in skipped) == sorted(broken)
+    assert records[-1]["skipped_images"] >= len(broken)
+    log = (tmp_path / "run" / "train.log").read_text()
+    for name in broken:
+        assert f"{name} (" in log
+    assert not any(name in log for name in odd), "odd formats must be converted and used, not skipped"
+
+
+def test_checkpoint_retention_and_incomplete_checkpoints(images, tmp_path):
+    cfg = tiny_config(
+        images, iterations=6, period=1, extra=["checkpointing.max_to_keep=2", "checkpointing.keep_every=2"]
+    )
+    run_training(cfg, tmp_path / "run")
+    root = tmp_path / "run" / "ckpt"
+    assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [2, 4, 5, 6]
+    ckpt = root / "6"
+    for name in ("teacher_backbone.safetensors", "student_backbone.safetensors", "backbone.json", "trainer_state.pt"):
+        assert (ckpt / name).is_file(), name
+    # a half-written checkpoint (a crash during save) is never picked for resume
+    (root / ".tmp-7").mkdir()
+    (root / "8").mkdir()
+    (root / "8" / "dcp").mkdir()
+    assert find_latest_checkpoint(root) == ckpt
+
+
+def test_non_finite_step_is_skipped_without_a_trace(images, tmp_path, monkeypatch):
+    original = SSLMetaArch.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(self, student, targets, batch):
+        total, terms = original(self, student, targets, batch)
+        calls["n"] += 1
+        if calls["n"] == 4:  # the last of 4 iterations
+            total = total * float("nan")
+        return total, terms
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
+    run_training(tiny_config(images, iterations=4, period=3), tmp_path / "run")
+    records = read_metrics(tmp_path / "run")
+    assert [r["skipped_step"] for r in records] == [False, False, False, True]
+    before = torch.load(tmp_path / "run/ckpt/3/trainer_state.pt", weights_only=False)
+    after = torch.load(tmp_path / "run/ckpt/4/trainer_state.pt", weights_only=False)
+    for name in before["assigners"]:
+        a, b = before["assigners"][name], after["assigners"][name]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert _equal(a[key], b[key]), f"{name}.{key} changed on a skipped step"
+    from safetensors.torch import load_file
+
+    for part in ("teacher_backbone", "student_backbone"):
+        a = load_file(tmp_path / f"run/ckpt/3/{part}.safetensors")
+        b = load_file(tmp_path / f"run/ckpt/4/{part}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def _equal(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+def test_too_many_non_finite_steps_stop_with_a_clear_message(images, tmp_path, monkeypatch):
+    original = SSLMetaArch.compute_losses
+
+    def always_nan(self, student, targets, batch):
+        total, terms = original(self, student, targets, batch)
+        return total * float("nan"), terms
+
+    monkeypatch.setattr(SSLMetaArch, "compute_losses", always_nan)
+    with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 2: 3 consecutive non-finite steps"):
+        run_training(tiny_config(images, iterations=6, period=100), tmp_path / "run")
