@@ -102,6 +102,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not is_enabled() or get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def all_ranks_agree(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank iff ``flag`` is true on every rank (one MIN all-reduce)."""
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)

@@ -11,6 +11,8 @@ uninterrupted one exactly, with no RNG stream to save.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import time
@@ -141,26 +143,23 @@ def clip_gradients(run: TrainingRun) -> dict[str, float]:
 
 def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
     """Fill every DTCH window with no-grad teacher passes; returns the number of batches used."""
-    windows = [a for a in run.meta.assigners.values() if hasattr(a, "history_full")]
+    windows = {name: a for name, a in run.meta.assigners.items() if hasattr(a, "history_full")}
     if not windows:
         return 0
     temperature = run.schedules.at(start_iteration)["teacher_temp"]
-    used = 0
-    bar = None
-    while True:
+    used, bar = 0, None
+    while not (used and all(a.history_full for a in windows.values())):
         batch = build.move_batch(next(batches), run.runtime.device)
         teacher_targets(run, batch, temperature)
         used += 1
         if used == 1:
-            capacity = max(a.capacity or 1 for a in windows)
-            logger.info("dtch: filling the history windows with %d teacher passes", capacity)
-            bar = progress_bar(capacity, 1, run.runtime.is_main)
-        elif bar is not None:
-            bar.update(1)
-        if all(a.history_full for a in windows):
-            break
-    if bar is not None:
-        bar.close()
+            sizes = ", ".join(f"{name}: {a.capacity}" for name, a in windows.items())
+            logger.info("dtch: filling the history windows with teacher passes (window steps: %s)", sizes)
+            total = max(a.capacity for a in windows.values())
+            bar = progress_bar(total, 0, run.runtime.is_main)
+        bar.update(1)
+    bar.close()
+    logger.info("dtch: history windows filled with %d batches (counted by the sampler)", used)
     return used
 
 
@@ -235,7 +234,28 @@ def train(
         warmup_batches = warmup_history(run, batches, start_iter)
 
     summary = _loop(run, batches, start_iter, warmup_batches)
+    summary["param_checksums"] = _gather_checksums(run)
+    if len(set(summary["param_checksums"])) > 1:
+        logger.error("the ranks' parameters differ at the end: %s", summary["param_checksums"])
+    if runtime.is_main:
+        (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def parameter_checksum(module: nn.Module) -> str:
+    """SHA-256 of every parameter's full value (collective when parameters are sharded)."""
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        value = param.detach()
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        digest.update(name.encode())
+        digest.update(value.float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _gather_checksums(run: TrainingRun) -> list[str]:
+    """Each rank's checksum of the student and teacher parameters (identical when in sync)."""
+    return dist.all_gather_object(parameter_checksum(run.student) + parameter_checksum(run.teacher))
 
 
 def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -> Path | None:
