@@ -2,8 +2,8 @@
 
 ``spawn(fn, world_size, *args)`` starts ``world_size`` processes with ``torch.multiprocessing``,
 initialises a gloo process group on a free local port in each, calls ``fn(rank, world_size, *args)``
-and returns the list of per-rank return values (picklable; tensors are carried as numpy arrays). An exception on any rank
-fails the caller with that rank's traceback.
+and returns the list of per-rank return values (picklable; tensors are carried as numpy arrays).
+An exception on any rank fails the caller with that rank's traceback.
 """
 
 from __future__ import annotations

@@ -19,7 +19,11 @@ def synthetic_image(rng: np.random.Generator, size: int = 40, label: int = 0) ->
     yy, xx = np.mgrid[0:size, 0:size] / size
     freq = 2 + label
     base = np.stack(
-        [np.sin(2 * np.pi * (freq * xx + rng.random())), np.cos(2 * np.pi * (freq * yy + rng.random())), xx * yy],
+        [
+            np.sin(2 * np.pi * (freq * xx + rng.random())),
+            np.cos(2 * np.pi * (freq * yy + rng.random())),
+            xx * yy,
+        ],
         axis=-1,
     )
     noise = rng.normal(0, 0.1, size=(size, size, 3))

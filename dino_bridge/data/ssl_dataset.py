@@ -6,9 +6,9 @@ worker that builds them nor on how many workers there are, and a resumed run reb
 
 A file that fails to load (``ImageLoadError``) does not stop training: it goes into the sample's
 ``skipped`` list as "<file> (<reason>)" and a replacement index derived from (seed, rank, position,
-attempt) is tried, up to ``max_retries`` times. The replacement sequence is deterministic, so the batch is the same
-whichever process builds it. Logging is left to the trainer (once per file, from the batch's
-``skipped``).
+attempt) is tried, up to ``max_retries`` times. The replacement sequence is deterministic, so the
+batch is the same whichever process builds it. Logging is left to the trainer (once per file, from
+the batch's ``skipped``).
 """
 
 from __future__ import annotations

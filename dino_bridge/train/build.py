@@ -24,14 +24,13 @@ from ..data import (
     build_demo_dataset,
     build_train_loader,
 )
+from ..distributed.parallelize import ParallelPlan
 from ..models import DINOHead, build_vit
 from .meta_arch import SSLLossSettings
 from .optim import OptimSettings, build_optimizer, build_param_groups
 from .schedules import ScheduleSpec, TrainingSchedules, build_training_schedules, lr_scale
 
 logger = logging.getLogger("dino_bridge")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ------------------------------------------------------------------------------------- models
@@ -93,6 +92,27 @@ def build_model_parts(cfg: DictConfig, *, student: bool) -> nn.ModuleDict:
     if cfg.ibot.separate_head:
         parts["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)
     return nn.ModuleDict(parts)
+
+
+def parallel_plan(cfg: DictConfig, world_size: int, device: torch.device) -> ParallelPlan:
+    """FSDP2 when several processes run (unless NO_SHARD or parallel=dp), plain data parallel otherwise."""
+    cp = cfg.compute_precision
+    fsdp = world_size > 1 and cp.parallel != "dp" and cp.sharding_strategy != "NO_SHARD"
+    if fsdp and device.type == "mps":
+        logger.info("FSDP2 is not available on mps: plain data parallel")
+        fsdp = False
+    if cp.parallel == "fsdp" and world_size == 1:
+        logger.info("compute_precision.parallel=fsdp with one process: nothing to shard, plain training")
+    ac = "off" if not cfg.train.checkpointing else ("full" if cfg.train.checkpointing_full else "selective")
+    return ParallelPlan(
+        fsdp=fsdp,
+        reshard_after_forward=cp.sharding_strategy == "FULL_SHARD",
+        param_dtype=str(cp.param_dtype),
+        reduce_dtype=str(cp.reduce_dtype),
+        activation_checkpointing=ac,
+        compile=bool(cfg.train.compile),
+        cudagraphs=bool(cfg.train.cudagraphs),
+    )
 
 
 def init_model_parts_(parts: nn.ModuleDict, seed: int) -> None:

@@ -26,8 +26,9 @@ from torch import nn
 from ..config import ConfigError, save_config
 from ..config.features import find_problems, superseded_notes
 from ..distributed import dist
-from ..distributed.data_parallel import average_gradients_
+from ..distributed.data_parallel import average_gradients_, broadcast_parameters_
 from ..distributed.device import Runtime
+from ..distributed.parallelize import DTYPES, ParallelPlan, build_mesh, parallelize
 from ..seeding import derive_seed
 from . import build
 from .checkpoint import (
@@ -61,7 +62,14 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     schedules: build.TrainingSchedules
     total_iters: int
-    autocast_dtype: torch.dtype | None
+    plan: ParallelPlan
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """Mixed precision by autocast on the data-parallel path (FSDP2 casts parameters itself)."""
+        if self.plan.fsdp or self.plan.param_dtype == "fp32":
+            return None
+        return DTYPES[self.plan.param_dtype]
 
     @property
     def student(self) -> nn.ModuleDict:
@@ -73,17 +81,23 @@ class TrainingRun:
 
 
 def build_run(cfg: DictConfig, runtime: Runtime, output_dir: Path) -> TrainingRun:
+    """Build on meta → transforms (AC, compile, FSDP2) → to_empty → init → teacher = student."""
     device = runtime.device
+    plan = build.parallel_plan(cfg, runtime.world_size, device)
+    logger.info("parallelism: %s", plan.describe())
     with torch.device("meta"):
         student = build.build_model_parts(cfg, student=True)
         teacher = build.build_model_parts(cfg, student=False)
+    mesh = build_mesh(device, runtime.world_size) if plan.fsdp else None
+    parallelize(student, plan, device, trains=True, mesh=mesh)
+    parallelize(teacher, plan, device, trains=False, mesh=mesh)
     student.to_empty(device=device)
     teacher.to_empty(device=device)
     build.init_model_parts_(student, int(cfg.train.seed))
     copy_student_to_teacher_(teacher, student)
     dino_assigner, ibot_assigner = build.build_assigners(cfg)
-    meta = SSLMetaArch(student, teacher, dino_assigner, ibot_assigner, build.loss_settings(cfg)).to(device)
-    param_dtype = str(cfg.compute_precision.param_dtype)
+    meta = SSLMetaArch(student, teacher, dino_assigner, ibot_assigner, build.loss_settings(cfg))
+    meta.assigners.to(device)
     return TrainingRun(
         cfg=cfg,
         runtime=runtime,
@@ -92,7 +106,7 @@ def build_run(cfg: DictConfig, runtime: Runtime, output_dir: Path) -> TrainingRu
         optimizer=build.build_student_optimizer(cfg, student, device),
         schedules=build.build_schedules(cfg, runtime.world_size),
         total_iters=build.total_iterations(cfg),
-        autocast_dtype=None if param_dtype == "fp32" else build.DTYPES[param_dtype],
+        plan=plan,
     )
 
 
@@ -102,16 +116,8 @@ def _autocast(run: TrainingRun):
     return torch.autocast(device_type=run.runtime.device.type, dtype=run.autocast_dtype)
 
 
-def _log_execution_settings(cfg: DictConfig, runtime: Runtime) -> None:
-    notes = superseded_notes(cfg)
-    for key in ("compile", "checkpointing", "cudagraphs"):
-        if cfg.train[key]:
-            notes.append(f"train.{key}=true: not applied on this path (plain data parallel)")
-    if runtime.world_size > 1 and cfg.compute_precision.parallel != "dp":
-        notes.append(
-            "compute_precision.sharding_strategy: FSDP2 is not applied on this path (plain data parallel)"
-        )
-    for note in notes:
+def _log_notes(cfg: DictConfig) -> None:
+    for note in superseded_notes(cfg):
         logger.info(note)
 
 
@@ -197,7 +203,7 @@ def train(
     problems = find_problems(cfg)
     if problems:
         raise ConfigError("this config cannot run yet:\n  - " + "\n  - ".join(map(str, problems)))
-    _log_execution_settings(cfg, runtime)
+    _log_notes(cfg)
     cfg.train.output_dir = str(output_dir)
     if runtime.is_main:
         save_config(cfg, output_dir / "config.yaml")
@@ -213,10 +219,8 @@ def train(
         start_iter, warmup_batches = int(state["iteration"]), int(state["warmup_batches"])
         for name, assigner in run.meta.assigners.items():
             assigner.load_state_dict(state["assigners"][name])
-    elif runtime.world_size > 1:
-        from ..distributed.data_parallel import broadcast_parameters_
-
-        broadcast_parameters_(run.meta.student)
+    elif runtime.world_size > 1 and not run.plan.fsdp:
+        broadcast_parameters_(run.meta.student)  # equal already (seeded init); guards against drift
         broadcast_parameters_(run.meta.teacher)
 
     source = build.build_train_source(cfg)
@@ -297,7 +301,8 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
         total, terms = student_losses(run, batch, targets)
         total.backward()
         total = total.detach()
-        average_gradients_(student_params)
+        if not run.plan.fsdp:
+            average_gradients_(student_params)
         grad_norms = clip_gradients(run)
 
         finite = math.isfinite(total.item()) and all(math.isfinite(v) for v in grad_norms.values())

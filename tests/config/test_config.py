@@ -75,7 +75,9 @@ def test_invalid_choice_lists_valid_values():
 
 
 def test_aux_weight_schedules_are_validated():
-    with pytest.raises(ConfigError, match="did you mean 'resize_shuffle_augmentor.bridge_global_weight.peak'"):
+    with pytest.raises(
+        ConfigError, match="did you mean 'resize_shuffle_augmentor.bridge_global_weight.peak'"
+    ):
         load_config(SEED_YAML, ["resize_shuffle_augmentor.bridge_global_weight.peek=1"])
     cfg = load_config(SEED_YAML, ["resize_shuffle_augmentor.bridge_global_weight=0.0"])
     assert cfg.resize_shuffle_augmentor.bridge_global_weight == 0.0
@@ -144,7 +146,15 @@ def test_dry_run_on_seed_reports_vit_large():
 
 def test_cli_reports_config_errors_cleanly():
     out = subprocess.run(
-        [sys.executable, "-m", "dino_bridge.train", "--config-file", str(SEED_YAML), "--dry-run", "dino.koleo_cls_loss_wieght=1"],
+        [
+            sys.executable,
+            "-m",
+            "dino_bridge.train",
+            "--config-file",
+            str(SEED_YAML),
+            "--dry-run",
+            "dino.koleo_cls_loss_wieght=1",
+        ],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -10,11 +10,16 @@ def parts():
     torch.manual_seed(0)
     backbone = build_vit("vit_tiny", img_size=16, patch_size=4, n_storage_tokens=2, layerscale_init=1e-5)
     backbone.init_weights()
-    dino, ibot = DINOHead(192, 32, hidden_dim=16, bottleneck_dim=8), DINOHead(192, 32, hidden_dim=16, bottleneck_dim=8)
+    dino, ibot = (
+        DINOHead(192, 32, hidden_dim=16, bottleneck_dim=8),
+        DINOHead(192, 32, hidden_dim=16, bottleneck_dim=8),
+    )
     return {"backbone": backbone, "dino_head": dino, "ibot_head": ibot}
 
 
-SETTINGS = OptimSettings(layerwise_decay=0.9, patch_embed_lr_mult=0.2, dino_head_lr_multiplier=0.8, dino_head_wd_multiplier=0.5)
+SETTINGS = OptimSettings(
+    layerwise_decay=0.9, patch_embed_lr_mult=0.2, dino_head_lr_multiplier=0.8, dino_head_wd_multiplier=0.5
+)
 
 
 def _group_of(groups, name):
@@ -70,7 +75,9 @@ def test_frozen_last_layer_does_not_move(parts):
     head = DINOHead(8, 4, nlayers=1, bottleneck_dim=4)
     torch.manual_seed(1)
     head.init_weights()
-    optimizer = build_optimizer(build_param_groups({"dino_head": head}, 0, SETTINGS), betas=(0.9, 0.99), foreach=True)
+    optimizer = build_optimizer(
+        build_param_groups({"dino_head": head}, 0, SETTINGS), betas=(0.9, 0.99), foreach=True
+    )
     before = head.last_layer.weight.detach().clone()
     mlp_before = head.mlp.weight.detach().clone()
     apply_schedules(optimizer, lr=0.1, last_layer_lr=0.0, wd=0.04)

@@ -21,7 +21,9 @@ def test_warmup_then_cosine_shape_and_endpoints():
 
 
 def test_cosine_epochs_then_constant_tail():
-    s = build_schedule(ScheduleSpec(0, 1, 0.5, warmup_epochs=1, cosine_epochs=2), epoch_length=10, total_iters=50)
+    s = build_schedule(
+        ScheduleSpec(0, 1, 0.5, warmup_epochs=1, cosine_epochs=2), epoch_length=10, total_iters=50
+    )
     assert s[10] == pytest.approx(1.0) and s[29] == pytest.approx(0.5)
     np.testing.assert_allclose(s[30:], 0.5)
 

@@ -76,7 +76,9 @@ def test_resume_from_a_checkpoint_is_exact(images, tmp_path):
 
 def test_explicit_checkpoint_dir_wins_and_no_resume_starts_over(images, tmp_path):
     run_training(tiny_config(images, iterations=4, period=2), tmp_path / "a")
-    run_training(tiny_config(images, iterations=4, period=2), tmp_path / "b", checkpoint_dir=str(tmp_path / "a/ckpt/2"))
+    run_training(
+        tiny_config(images, iterations=4, period=2), tmp_path / "b", checkpoint_dir=str(tmp_path / "a/ckpt/2")
+    )
     assert sorted(_losses(read_metrics(tmp_path / "b"))) == [2, 3]
     run_training(tiny_config(images, iterations=4, period=2), tmp_path / "b", resume=False)
     assert sorted(_losses(read_metrics(tmp_path / "b"))) == [0, 1, 2, 3]
@@ -98,11 +100,17 @@ def _cli(output: Path, images: Path, iterations: int, period: int) -> list[str]:
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    subprocess.run(_cli(tmp_path / "clean", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True)
+    subprocess.run(
+        _cli(tmp_path / "clean", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True
+    )
     clean = _losses(read_metrics(tmp_path / "clean"))
 
     victim = subprocess.Popen(
-        _cli(tmp_path / "killed", images, 12, 2), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _cli(tmp_path / "killed", images, 12, 2),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 120
     while find_latest_checkpoint(tmp_path / "killed" / "ckpt") is None and victim.poll() is None:
@@ -114,7 +122,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(images, tmp_path):
     latest = int(find_latest_checkpoint(tmp_path / "killed" / "ckpt").name)
     assert latest < 12
 
-    subprocess.run(_cli(tmp_path / "killed", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True)
+    subprocess.run(
+        _cli(tmp_path / "killed", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True
+    )
     resumed = _losses(read_metrics(tmp_path / "killed"))
     assert sorted(resumed) == list(range(12)), "metrics.jsonl must read as one uninterrupted run"
     for it in range(12):
@@ -157,7 +167,9 @@ def test_corrupt_and_odd_images_train_to_the_end(tmp_path, caplog):
         "data.fashion_mnist.root=null",
         f"data.fashion_mnist.txt_path={listing}",
     ]
-    cfg = tiny_config(tmp_path / "unused", iterations=6, period=100, extra=overrides + ["dtch.warmup_history=false"])
+    cfg = tiny_config(
+        tmp_path / "unused", iterations=6, period=100, extra=overrides + ["dtch.warmup_history=false"]
+    )
     summary = run_training(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run")
     assert [r["iteration"] for r in records] == list(range(6))
@@ -179,7 +191,12 @@ def test_checkpoint_retention_and_incomplete_checkpoints(images, tmp_path):
     root = tmp_path / "run" / "ckpt"
     assert sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) == [2, 4, 5, 6]
     ckpt = root / "6"
-    for name in ("teacher_backbone.safetensors", "student_backbone.safetensors", "backbone.json", "trainer_state.pt"):
+    for name in (
+        "teacher_backbone.safetensors",
+        "student_backbone.safetensors",
+        "backbone.json",
+        "trainer_state.pt",
+    ):
         assert (ckpt / name).is_file(), name
     # a half-written checkpoint (a crash during save) is never picked for resume
     (root / ".tmp-7").mkdir()
