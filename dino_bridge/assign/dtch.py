@@ -147,6 +147,9 @@ class DTCH(TeacherAssigner):
         self._last_call: dict[str, torch.Tensor] | None = None  # 0-dim tensors, no host sync
         self._block_sums: torch.Tensor | None = None  # derived from the window; None = rebuild
         self._dirty_blocks: set[int] = set()
+        # The mean row entropy of q costs about two passes over N×K: the trainer turns it on only
+        # for the calls whose diagnostics it logs. Off, ``target_entropy`` reads NaN.
+        self.collect_target_entropy = True
 
     # ------------------------------------------------------------------ public state queries
 
@@ -263,7 +266,10 @@ class DTCH(TeacherAssigner):
         self, soft_argmax: torch.Tensor, q: torch.Tensor, rare: torch.Tensor, slot: int, initialising: bool
     ) -> None:
         """Global argmax rings aligned with the window, and last-call scalars (no host sync)."""
-        row_entropy = torch.special.entr(q).sum(1)
+        if self.collect_target_entropy:
+            row_entropy = torch.special.entr(q).sum(1)
+        else:
+            row_entropy = q.new_full((q.shape[0],), math.nan)
         packed = torch.stack([soft_argmax.float(), q.argmax(1).float(), row_entropy], dim=1)
         packed = dist.all_gather_cat(packed)  # [N_g, 3], rank order
         assert packed.shape[0] == self._global_rows, "ranks disagree on the rows of this call"

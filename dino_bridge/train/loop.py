@@ -153,6 +153,8 @@ def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
     if not windows:
         return 0
     temperature = run.schedules.at(start_iteration)["teacher_temp"]
+    for assigner in windows.values():
+        assigner.collect_target_entropy = False  # nothing is logged during the warm-up
     used, bar = 0, None
     while not (used and all(a.history_full for a in windows.values())):
         batch = build.move_batch(next(batches), run.runtime.device)
@@ -296,6 +298,10 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
         sched = run.schedules.at(it)
         apply_schedules(run.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
         snapshots = {name: a.snapshot() for name, a in run.meta.assigners.items()}
+        logs_now = (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter
+        for assigner in run.meta.assigners.values():
+            if hasattr(assigner, "collect_target_entropy"):
+                assigner.collect_target_entropy = logs_now
 
         targets = teacher_targets(run, batch, sched["teacher_temp"])
         total, terms = student_losses(run, batch, targets)
@@ -328,7 +334,7 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
         timer.steps += 1
         bar.update(1)
 
-        if (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter:
+        if logs_now:
             sec_per_step, data_share, _ = timer.summary()
             total_skipped = dist.all_reduce(skipped_images, op="sum")
             extra = {

@@ -369,3 +369,15 @@ def test_boost_disabled_and_input_untouched():
     masses: list[np.ndarray] = []
     expected = oracle_targets(masses, logits, 0.05, 1, WINDOW_CONFIGS["default"])
     assert within_tolerance(q_on, expected) <= 1.0
+
+
+def test_target_entropy_is_collected_only_when_asked():
+    logits = torch.randn(12, 40, generator=torch.Generator().manual_seed(0))
+    dtch = DTCH(40, 24)
+    dtch.collect_target_entropy = False
+    q = dtch(logits, 0.1)
+    assert math.isnan(dtch.diagnostics()["target_entropy"])
+    dtch.collect_target_entropy = True
+    q = dtch(logits, 0.1)
+    expected = float(torch.special.entr(q).sum(1).mean())
+    assert dtch.diagnostics()["target_entropy"] == pytest.approx(expected, rel=1e-6)
