@@ -127,12 +127,6 @@ def teacher_targets(run: TrainingRun, batch: dict, teacher_temp: float) -> dict:
         return run.meta.teacher_targets(batch, teacher_temp)
 
 
-def student_losses(run: TrainingRun, batch: dict, targets: dict) -> tuple[torch.Tensor, dict]:
-    with _autocast(run):
-        outputs = run.meta.student_outputs(batch)
-        return run.meta.compute_losses(outputs, targets, batch)
-
-
 def clip_gradients(run: TrainingRun) -> dict[str, float]:
     """Per-part gradient clipping (each part at optim.clip_grad); returns the pre-clip norms."""
     max_norm = float(run.cfg.optim.clip_grad)
@@ -145,6 +139,61 @@ def clip_gradients(run: TrainingRun) -> dict[str, float]:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norms[f"{name}_grad_norm"] = float(norm)
     return norms
+
+
+@dataclass
+class StepResult:
+    total: torch.Tensor  # detached
+    terms: dict[str, torch.Tensor]  # unweighted loss terms (detached)
+    grad_norms: dict[str, float]  # per part, before clipping
+    schedule: dict[str, float]  # lr, last_layer_lr, wd, mom, teacher_temp of this iteration
+    skipped: bool  # non-finite on some rank: no update happened
+
+
+def _no_stage(name: str) -> None:
+    return None
+
+
+def train_step(
+    run: TrainingRun, batch: dict, it: int, *, log_diagnostics: bool = False, stage=_no_stage
+) -> StepResult:
+    """One iteration on a batch already on the device; ``stage(name)`` is called after each stage
+    (the benchmark times them). Collective: every rank calls it with its own batch."""
+    torch.manual_seed(derive_seed(int(run.cfg.train.seed), run.runtime.rank, "step", it))
+    sched = run.schedules.at(it)
+    apply_schedules(run.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
+    snapshots = {name: a.snapshot() for name, a in run.meta.assigners.items()}
+    for assigner in run.meta.assigners.values():
+        if hasattr(assigner, "collect_target_entropy"):
+            assigner.collect_target_entropy = log_diagnostics
+    stage("prepare")
+    targets = teacher_targets(run, batch, sched["teacher_temp"])
+    stage("teacher forward + targets")
+    with _autocast(run):
+        outputs = run.meta.student_outputs(batch)
+        stage("student forward")
+        total, terms = run.meta.compute_losses(outputs, targets, batch)
+    stage("losses")
+    total.backward()
+    stage("backward")
+    if not run.plan.fsdp:
+        average_gradients_(p for p in run.student.parameters() if p.requires_grad)
+    grad_norms = clip_gradients(run)
+    finite = math.isfinite(total.item()) and all(math.isfinite(v) for v in grad_norms.values())
+    skipped = dist.any_rank(not finite, run.runtime.device)
+    stage("gradient sync + clip")
+    if skipped:  # leave no trace: no update, teacher-target state as before the step
+        for name, assigner in run.meta.assigners.items():
+            assigner.restore(snapshots[name])
+        run.optimizer.zero_grad(set_to_none=True)
+    else:
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        stage("optimizer step")
+        ema_update_(run.teacher, run.student, sched["mom"])
+        stage("EMA")
+    terms = {k: v.detach() for k, v in terms.items()}
+    return StepResult(total.detach(), terms, grad_norms, sched, skipped)
 
 
 def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
@@ -274,7 +323,7 @@ def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -
 
 def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> dict:
     cfg, runtime = run.cfg, run.runtime
-    seed, log_period = int(cfg.train.seed), max(1, int(cfg.train.log_period))
+    log_period = max(1, int(cfg.train.log_period))
     period = int(cfg.checkpointing.period)
     batch_size = int(cfg.train.batch_size_per_gpu)
     metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
@@ -282,7 +331,6 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
     warned: set[str] = set()
     skipped_images = torch.zeros(1, dtype=torch.long, device=runtime.device)
     streak, record, last_ckpt = 0, {}, None
-    student_params = [p for p in run.student.parameters() if p.requires_grad]
 
     for it in range(start_iter, run.total_iters):
         t0 = time.perf_counter()
@@ -293,44 +341,21 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
                 warned.add(name)
                 logger.warning("skipped an unreadable image: %s", name)
         skipped_images += len(batch.get("skipped", []))
-        batch = build.move_batch(batch, runtime.device)
-        torch.manual_seed(derive_seed(seed, runtime.rank, "step", it))
-        sched = run.schedules.at(it)
-        apply_schedules(run.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
-        snapshots = {name: a.snapshot() for name, a in run.meta.assigners.items()}
         logs_now = (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter
-        for assigner in run.meta.assigners.values():
-            if hasattr(assigner, "collect_target_entropy"):
-                assigner.collect_target_entropy = logs_now
-
-        targets = teacher_targets(run, batch, sched["teacher_temp"])
-        total, terms = student_losses(run, batch, targets)
-        total.backward()
-        total = total.detach()
-        if not run.plan.fsdp:
-            average_gradients_(student_params)
-        grad_norms = clip_gradients(run)
-
-        finite = math.isfinite(total.item()) and all(math.isfinite(v) for v in grad_norms.values())
-        if dist.any_rank(not finite, runtime.device):
+        step = train_step(run, build.move_batch(batch, runtime.device), it, log_diagnostics=logs_now)
+        if step.skipped:
             streak += 1
-            for name, assigner in run.meta.assigners.items():
-                assigner.restore(snapshots[name])
-            run.optimizer.zero_grad(set_to_none=True)
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            values = ", ".join(f"{k}={v.item():.4g}" for k, v in step.terms.items())
             logger.warning(
                 "iteration %d: non-finite loss or gradient on some rank, step skipped (%s)", it, values
             )
             if streak >= int(cfg.train.max_nonfinite_steps):
                 raise NonFiniteLossError(
                     f"training stopped at iteration {it}: {streak} consecutive non-finite steps"
-                    f" (total_loss={float(total):.4g}; {values}); last checkpoint: {last_ckpt or 'none'}"
+                    f" (total_loss={step.total.item():.4g}; {values}); last checkpoint: {last_ckpt or 'none'}"
                 )
         else:
             streak = 0
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            ema_update_(run.teacher, run.student, sched["mom"])
         timer.steps += 1
         bar.update(1)
 
@@ -338,18 +363,18 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
             sec_per_step, data_share, _ = timer.summary()
             total_skipped = dist.all_reduce(skipped_images, op="sum")
             extra = {
-                **sched,
-                **grad_norms,
+                **step.schedule,
+                **step.grad_norms,
                 "images_per_sec": batch_size * runtime.world_size / sec_per_step,
                 "data_wait_share": data_share,
                 "max_mem_mb": peak_memory_mb(runtime.device),
                 "skipped_images": int(total_skipped.item()),
-                "skipped_step": not finite,
+                "skipped_step": step.skipped,
             }
             for name, assigner in run.meta.assigners.items():
                 for key, value in assigner.diagnostics().items():
                     extra[f"{build.assigner_kind(cfg)}/{name}/{key}"] = value
-            record = _reduced_record(run, it, terms, total, extra)
+            record = _reduced_record(run, it, step.terms, step.total, extra)
             metrics.write(record)
             logger.info(format_record(record))
             bar.set_postfix(loss=f"{record['total_loss']:.3f}", data=f"{100 * data_share:.0f}%")

@@ -60,7 +60,8 @@ def test_eval_knn_command_on_a_trained_checkpoint(tmp_path):
     labelled = make_image_folder(tmp_path / "labelled", n=30, classes=3, seed=1)
     out = subprocess.run(
         [sys.executable, "-m", "dino_bridge.cli", "eval", "knn", "--checkpoint", str(tmp_path / "run"),
-         "--train", str(labelled), "--val", str(labelled), "--ks", "1", "5", "--output", str(tmp_path / "knn.json")],
+         "--train", str(labelled), "--val", str(labelled), "--ks", "1", "5",
+         "--output", str(tmp_path / "knn.json")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -73,7 +74,8 @@ def test_eval_knn_command_on_a_trained_checkpoint(tmp_path):
     from dino_bridge.eval import eval_transform_for, extract_features, load_backbone
 
     model, spec = load_backbone(tmp_path / "run")
-    feats, labels = extract_features(model, ImageFolderDataset(labelled, labelled=True), eval_transform_for(spec))
+    source = ImageFolderDataset(labelled, labelled=True)
+    feats, labels = extract_features(model, source, eval_transform_for(spec))
     expected = knn_accuracy(feats, labels, feats, labels, ks=(1, 5))
     assert result["top1"] == {str(k): pytest.approx(v) for k, v in expected.items()}
 

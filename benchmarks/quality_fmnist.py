@@ -1,0 +1,207 @@
+"""Teacher targets compared on real images: the same short pretraining on Fashion-MNIST per method.
+
+For each teacher-target strategy (softmax centering, Sinkhorn-Knopp, DTCH with s = γ ∈ {1, 2},
+with its full cumulative window or a one-batch window) and each seed, pretrain the quickstart's
+small ViT for the same number of iterations at a small batch with K much larger than the batch,
+then measure the 20-NN top-1 accuracy of the teacher CLS (Fashion-MNIST test images against a
+fixed subset of the train split). The raw-pixel 20-NN on the same split is the floor any useful
+encoder should beat. Prints a markdown table (mean ± std over seeds) and writes JSON.
+
+    python benchmarks/quality_fmnist.py              # the recorded benchmark (about an hour on 2 cores)
+    python benchmarks/quality_fmnist.py --quick      # a smoke run (tiny budget, one seed)
+    python benchmarks/quality_fmnist.py --variants dtch_s1_window sinkhorn --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dino_bridge.config import load_config  # noqa: E402
+from dino_bridge.data import FashionMNIST  # noqa: E402
+from dino_bridge.eval import eval_transform_for, extract_features, knn_accuracy, load_backbone  # noqa: E402
+from dino_bridge.eval.features import subset_indices  # noqa: E402
+
+BASE_CONFIG = REPO / "configs" / "quickstart.yaml"
+
+# name -> overrides of the base config. A one-batch window: history_size 1 < N_g gives C = 1.
+VARIANTS = {
+    "centering": ["dtch.enabled=false", "train.centering=centering"],
+    "sinkhorn": ["dtch.enabled=false", "train.centering=sinkhorn_knopp"],
+    "dtch_s1_window": ["dtch.enabled=true", "dtch.temp_scale=1.0"],
+    "dtch_s2_window": ["dtch.enabled=true", "dtch.temp_scale=2.0"],
+    "dtch_s1_one_batch": [
+        "dtch.enabled=true",
+        "dtch.temp_scale=1.0",
+        "dtch.cls_hist_cache=1",
+        "dtch.patch_hist_cache=1",
+    ],
+    "dtch_s2_one_batch": [
+        "dtch.enabled=true",
+        "dtch.temp_scale=2.0",
+        "dtch.cls_hist_cache=1",
+        "dtch.patch_hist_cache=1",
+    ],
+}
+
+
+def budget_overrides(iterations: int, batch: int, prototypes: int) -> list[str]:
+    """The common budget: iterations in epochs of 50, the batch, K for both heads, no checkpoints."""
+    epoch = 50 if iterations >= 50 else iterations
+    return [
+        f"train.OFFICIAL_EPOCH_LENGTH={epoch}",
+        f"optim.epochs={max(1, iterations // epoch)}",
+        f"train.batch_size_per_gpu={batch}",
+        f"dino.head_n_prototypes={prototypes}",
+        f"ibot.head_n_prototypes={prototypes}",
+        f"checkpointing.period={10**9}",
+        "train.log_period=50",
+    ]
+
+
+def raw_pixel_knn(limit_train: int, limit_val: int) -> float:
+    """20-NN top-1 (%) on L2-normalised raw pixels, same split and weighting as the encoders."""
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    train_idx = subset_indices(len(train), limit_train)
+    test_idx = subset_indices(len(test), limit_val, seed=1)
+
+    def pixels(source, idx):
+        idx = range(len(source)) if idx is None else idx
+        feats = torch.stack([torch.as_tensor(list(source.load(int(i)).convert("L").getdata())) for i in idx])
+        return feats.float(), torch.tensor([source.labels[int(i)] for i in idx])
+
+    train_x, train_y = pixels(train, train_idx)
+    test_x, test_y = pixels(test, test_idx)
+    return knn_accuracy(train_x, train_y, test_x, test_y, ks=(20,))[20]
+
+
+def encoder_knn(run_dir: Path, limit_train: int, limit_val: int) -> float:
+    model, spec = load_backbone(run_dir)
+    transform = eval_transform_for(spec)
+    train, test = FashionMNIST("train"), FashionMNIST("test")
+    train_x, train_y = extract_features(
+        model, train, transform, indices=subset_indices(len(train), limit_train)
+    )
+    test_x, test_y = extract_features(
+        model, test, transform, indices=subset_indices(len(test), limit_val, seed=1)
+    )
+    return knn_accuracy(train_x, train_y, test_x, test_y, ks=(20,))[20]
+
+
+def run_one(variant: str, seed: int, args, workdir: Path) -> dict:
+    from dino_bridge.distributed.device import setup_runtime
+    from dino_bridge.train.loop import train
+
+    overrides = budget_overrides(args.iterations, args.batch, args.prototypes) + VARIANTS[variant]
+    overrides += [f"train.seed={seed}", *args.overrides]
+    cfg = load_config(BASE_CONFIG, overrides)
+    out = workdir / f"{variant}_seed{seed}"
+    start = time.perf_counter()
+    summary = train(cfg, setup_runtime("cpu"), out, resume=False)
+    minutes = (time.perf_counter() - start) / 60
+    last = summary["last_record"]
+    return {
+        "variant": variant,
+        "seed": seed,
+        "knn20": encoder_knn(out, args.limit_train, args.limit_val),
+        "train_minutes": round(minutes, 2),
+        "final_total_loss": last.get("total_loss"),
+        "final_dino_local_loss": last.get("dino_local_crops_loss"),
+    }
+
+
+def summarise(results: list[dict], variants: list[str]) -> list[dict]:
+    rows = []
+    for variant in variants:
+        scores = [r["knn20"] for r in results if r["variant"] == variant]
+        if not scores:
+            continue
+        std = statistics.stdev(scores) if len(scores) > 1 else math.nan
+        rows.append({"variant": variant, "mean": statistics.mean(scores), "std": std, "n": len(scores)})
+    return rows
+
+
+def markdown(rows: list[dict], raw: float, args) -> str:
+    lines = [
+        f"20-NN top-1 on Fashion-MNIST ({args.limit_val} test vs {args.limit_train} train images), "
+        f"{args.iterations} iterations, batch {args.batch}, K = {args.prototypes}, seeds {args.seeds}",
+        "",
+        "| teacher targets | 20-NN top-1 (%) | runs |",
+        "|---|---:|---:|",
+    ]
+    for row in rows:
+        std = "" if math.isnan(row["std"]) else f" ± {row['std']:.2f}"
+        lines.append(f"| {row['variant']} | {row['mean']:.2f}{std} | {row['n']} |")
+    lines.append(f"| raw pixels (no training) | {raw:.2f} | – |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prototypes", type=int, default=4096)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--limit-train", type=int, default=10000)
+    p.add_argument("--limit-val", type=int, default=2000)
+    p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 4 iterations, one seed, small kNN")
+    p.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iterations, args.seeds, args.limit_train, args.limit_val = 4, args.seeds[:1], 500, 200
+        args.overrides = [*args.overrides, "dtch.cls_hist_cache=256", "dtch.patch_hist_cache=2048"]
+    FashionMNIST("test")  # fails early with the install hint
+
+    started = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        for seed in args.seeds:
+            for variant in args.variants:
+                result = run_one(variant, seed, args, workdir)
+                results.append(result)
+                print(
+                    f"{variant} seed {seed}: 20-NN {result['knn20']:.2f}% ({result['train_minutes']} min)",
+                    flush=True,
+                )
+    raw = raw_pixel_knn(args.limit_train, args.limit_val)
+    rows = summarise(results, args.variants)
+    table = markdown(rows, raw, args)
+    print(table)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "torch": torch.__version__,
+                    "threads": torch.get_num_threads(),
+                    "minutes": round((time.perf_counter() - started) / 60, 1),
+                    "args": {k: v for k, v in vars(args).items() if k != "json"},
+                    "raw_pixels_knn20": raw,
+                    "summary": rows,
+                    "runs": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
