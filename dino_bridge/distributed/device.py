@@ -112,6 +112,10 @@ def setup_runtime(preference: str = "auto", timeout_minutes: float = 30.0) -> Ru
     if device_type in ("cuda", "npu", "xpu"):
         getattr(torch, device_type).set_device(local_rank)
         device = torch.device(device_type, local_rank)
+        if device_type == "cuda":
+            # fp32 matmuls on TF32 tensor cores, as DINOv3 trains (fp32 master weights stay fp32)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(device_type)
     backend = None

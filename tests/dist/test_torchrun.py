@@ -49,7 +49,7 @@ def test_seed_yaml_trains_under_torchrun_with_identical_ranks(tmp_path):
     out, result = _torchrun(tmp_path, ["dtch.enabled=false"])
     summary = json.loads((out / "run_summary.json").read_text())
     assert len(summary["param_checksums"]) == 2
-    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["param_checksums"][0] == summary["param_checksums"][1], result.stderr[-3000:]
     records = read_metrics(out)
     assert [r["iteration"] for r in records] == [0, 3]  # the first and the last (log_period 10)
     assert (out / "ckpt" / "4" / "teacher_backbone.safetensors").is_file()
@@ -60,12 +60,12 @@ def test_seed_yaml_trains_under_torchrun_with_identical_ranks(tmp_path):
 
 def test_seed_yaml_with_dtch_trains_under_torchrun(tmp_path):
     """DTCH on for DINO and iBOT, the seed's dtch section as written except smaller windows."""
-    out, _ = _torchrun(tmp_path, ["dtch.cls_hist_cache=64", "dtch.patch_hist_cache=256"])
+    out, result = _torchrun(tmp_path, ["dtch.cls_hist_cache=64", "dtch.patch_hist_cache=256"])
     summary = json.loads((out / "run_summary.json").read_text())
-    assert summary["param_checksums"][0] == summary["param_checksums"][1]
+    assert summary["param_checksums"][0] == summary["param_checksums"][1], result.stderr[-3000:]
     log = (out / "train.log").read_text()
-    assert "teacher targets: dtch" in log
-    assert "window steps: dino_cls: 4, ibot_patch: " in log  # 64 // (2 ranks × 8 rows)
+    assert "teacher targets: dtch" in log, log
+    assert "window steps: dino_cls: 4, ibot_patch: " in log, log  # 64 // (2 ranks × 8 rows)
     record = read_metrics(out)[-1]
     for instance in ("dino_cls", "ibot_patch"):
         for name in ("history_entropy", "log_k", "protos_used_soft", "protos_used_sharp", "target_entropy",
@@ -73,4 +73,5 @@ def test_seed_yaml_with_dtch_trains_under_torchrun(tmp_path):
             assert f"dtch/{instance}/{name}" in record, f"dtch/{instance}/{name}"
     assert 0 < record["dtch/dino_cls/history_entropy"] <= record["dtch/dino_cls/log_k"]
     state = __import__("torch").load(out / "ckpt" / "4" / "trainer_state.pt", weights_only=False)
-    assert state["warmup_batches"] >= 4 and state["samples_consumed_per_rank"] == (4 + state["warmup_batches"]) * 4
+    assert state["warmup_batches"] >= 4, state
+    assert state["samples_consumed_per_rank"] == (4 + state["warmup_batches"]) * 4, state
