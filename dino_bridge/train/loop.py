@@ -43,6 +43,7 @@ from .ema import copy_student_to_teacher_, ema_update_
 from .meta_arch import LOSS_TERMS, SSLMetaArch
 from .metrics import MetricsFile, StepTimer, format_record, peak_memory_mb, progress_bar, setup_logging
 from .optim import apply_schedules
+from .signals import GracefulStop
 
 logger = logging.getLogger("dino_bridge")
 
@@ -323,77 +324,100 @@ def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -
 
 def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> dict:
     cfg, runtime = run.cfg, run.runtime
-    log_period = max(1, int(cfg.train.log_period))
-    period = int(cfg.checkpointing.period)
-    batch_size = int(cfg.train.batch_size_per_gpu)
+    log_period, period = max(1, int(cfg.train.log_period)), int(cfg.checkpointing.period)
     metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
     timer, bar = StepTimer(), progress_bar(run.total_iters, start_iter, runtime.is_main)
-    warned: set[str] = set()
-    skipped_images = torch.zeros(1, dtype=torch.long, device=runtime.device)
-    streak, record, last_ckpt = 0, {}, None
-
-    for it in range(start_iter, run.total_iters):
-        t0 = time.perf_counter()
-        batch = next(batches)
-        timer.add_data_wait(time.perf_counter() - t0)
-        for name in batch.get("skipped", []):
-            if name not in warned:
-                warned.add(name)
-                logger.warning("skipped an unreadable image: %s", name)
-        skipped_images += len(batch.get("skipped", []))
-        logs_now = (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter
-        step = train_step(run, build.move_batch(batch, runtime.device), it, log_diagnostics=logs_now)
-        if step.skipped:
-            streak += 1
-            values = ", ".join(f"{k}={v.item():.4g}" for k, v in step.terms.items())
-            logger.warning(
-                "iteration %d: non-finite loss or gradient on some rank, step skipped (%s)", it, values
-            )
-            if streak >= int(cfg.train.max_nonfinite_steps):
-                raise NonFiniteLossError(
-                    f"training stopped at iteration {it}: {streak} consecutive non-finite steps"
-                    f" (total_loss={step.total.item():.4g}; {values}); last checkpoint: {last_ckpt or 'none'}"
+    skipped = SkippedImages(runtime.device)
+    streak, record, last_ckpt, stopped_at = 0, {}, None, None
+    with GracefulStop() as stop:
+        for it in range(start_iter, run.total_iters):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            timer.add_data_wait(time.perf_counter() - t0)
+            skipped.note(batch.get("skipped", []))
+            logs_now = (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter
+            step = train_step(run, build.move_batch(batch, runtime.device), it, log_diagnostics=logs_now)
+            streak = streak + 1 if step.skipped else 0
+            if step.skipped:
+                _warn_skipped_step(run, it, step, streak, last_ckpt)
+            timer.steps += 1
+            bar.update(1)
+            if logs_now:
+                record = _log_record(run, it, step, timer, skipped.total())
+                metrics.write(record)
+                logger.info(format_record(record))
+                bar.set_postfix(
+                    loss=f"{record['total_loss']:.3f}", data=f"{100 * record['data_wait_share']:.0f}%"
                 )
-        else:
-            streak = 0
-        timer.steps += 1
-        bar.update(1)
-
-        if logs_now:
-            sec_per_step, data_share, _ = timer.summary()
-            total_skipped = dist.all_reduce(skipped_images, op="sum")
-            extra = {
-                **step.schedule,
-                **step.grad_norms,
-                "images_per_sec": batch_size * runtime.world_size / sec_per_step,
-                "data_wait_share": data_share,
-                "max_mem_mb": peak_memory_mb(runtime.device),
-                "skipped_images": int(total_skipped.item()),
-                "skipped_step": step.skipped,
-            }
-            for name, assigner in run.meta.assigners.items():
-                for key, value in assigner.diagnostics().items():
-                    extra[f"{build.assigner_kind(cfg)}/{name}/{key}"] = value
-            record = _reduced_record(run, it, step.terms, step.total, extra)
-            metrics.write(record)
-            logger.info(format_record(record))
-            bar.set_postfix(loss=f"{record['total_loss']:.3f}", data=f"{100 * data_share:.0f}%")
-            timer.reset()
-
-        if (it + 1) % period == 0 or it + 1 == run.total_iters:
-            last_ckpt = _save(run, it + 1, warmup_batches)
+                timer.reset()
+            if dist.any_rank(stop.requested, runtime.device):  # every rank stops at the same iteration
+                last_ckpt, stopped_at = _save(run, it + 1, warmup_batches), it + 1
+                logger.warning("stopped at iteration %d; the same command resumes from %s", it + 1, last_ckpt)
+                break
+            if (it + 1) % period == 0 or it + 1 == run.total_iters:
+                last_ckpt = _save(run, it + 1, warmup_batches)
     bar.close()
-    if warned:
-        logger.warning(
-            "%d unreadable image(s) were skipped and replaced by other images: %s",
-            len(warned),
-            ", ".join(sorted(warned)),
-        )
+    skipped.summarise()
     return {
         "last_record": record,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
-        "skipped": sorted(warned),
+        "skipped": sorted(skipped.names),
+        "stopped_at": stopped_at,
     }
+
+
+class SkippedImages:
+    """Unreadable files reported by the data pipeline: one warning per file, a global count."""
+
+    def __init__(self, device: torch.device):
+        self.names: set[str] = set()
+        self.count = torch.zeros(1, dtype=torch.long, device=device)
+
+    def note(self, names: list[str]) -> None:
+        for name in names:
+            if name not in self.names:
+                self.names.add(name)
+                logger.warning("skipped an unreadable image: %s", name)
+        self.count += len(names)
+
+    def total(self) -> int:
+        """Images skipped so far on all ranks (collective)."""
+        return int(dist.all_reduce(self.count, op="sum").item())
+
+    def summarise(self) -> None:
+        if self.names:
+            names = ", ".join(sorted(self.names))
+            logger.warning("%d unreadable image(s) were skipped and replaced: %s", len(self.names), names)
+
+
+def _warn_skipped_step(run: TrainingRun, it: int, step: StepResult, streak: int, last_ckpt) -> None:
+    values = ", ".join(f"{k}={v.item():.4g}" for k, v in step.terms.items())
+    logger.warning("iteration %d: non-finite loss or gradient on some rank, step skipped (%s)", it, values)
+    if streak >= int(run.cfg.train.max_nonfinite_steps):
+        raise NonFiniteLossError(
+            f"training stopped at iteration {it}: {streak} consecutive non-finite steps"
+            f" (total_loss={step.total.item():.4g}; {values}); last checkpoint: {last_ckpt or 'none'}"
+        )
+
+
+def _log_record(run: TrainingRun, it: int, step: StepResult, timer: StepTimer, skipped_images: int) -> dict:
+    """One metrics.jsonl record: losses averaged over ranks, weights, schedules, norms, throughput."""
+    sec_per_step, data_share, _ = timer.summary()
+    images_per_step = int(run.cfg.train.batch_size_per_gpu) * run.runtime.world_size
+    extra = {
+        **step.schedule,
+        **step.grad_norms,
+        "images_per_sec": images_per_step / sec_per_step,
+        "data_wait_share": data_share,
+        "max_mem_mb": peak_memory_mb(run.runtime.device),
+        "skipped_images": skipped_images,
+        "skipped_step": step.skipped,
+    }
+    kind = build.assigner_kind(run.cfg)
+    for name, assigner in run.meta.assigners.items():
+        for key, value in assigner.diagnostics().items():
+            extra[f"{kind}/{name}/{key}"] = value
+    return _reduced_record(run, it, step.terms, step.total, extra)
 
 
 def _save(run: TrainingRun, iteration: int, warmup_batches: int) -> Path:

@@ -98,37 +98,61 @@ def _cli(output: Path, images: Path, iterations: int, period: int) -> list[str]:
     ]
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(images, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    subprocess.run(
-        _cli(tmp_path / "clean", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True
-    )
-    clean = _losses(read_metrics(tmp_path / "clean"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
+
+@pytest.fixture(scope="module")
+def clean_run(images, tmp_path_factory) -> dict[int, list[float]]:
+    """Per-step losses of an uninterrupted 12-iteration run launched from the command line."""
+    out = tmp_path_factory.mktemp("clean") / "run"
+    subprocess.run(_cli(out, images, 12, 2), check=True, env=ENV, cwd=REPO, capture_output=True)
+    return _losses(read_metrics(out))
+
+
+def _interrupt_after_first_checkpoint(out: Path, images: Path, sig: signal.Signals) -> subprocess.Popen:
     victim = subprocess.Popen(
-        _cli(tmp_path / "killed", images, 12, 2),
-        env=env,
+        _cli(out, images, 12, 2),
+        env=ENV,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
-    while find_latest_checkpoint(tmp_path / "killed" / "ckpt") is None and victim.poll() is None:
+    while find_latest_checkpoint(out / "ckpt") is None and victim.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    latest = int(find_latest_checkpoint(tmp_path / "killed" / "ckpt").name)
-    assert latest < 12
+    victim.send_signal(sig)
+    victim.wait(timeout=120)
+    return victim
 
-    subprocess.run(
-        _cli(tmp_path / "killed", images, 12, 2), check=True, env=env, cwd=REPO, capture_output=True
-    )
-    resumed = _losses(read_metrics(tmp_path / "killed"))
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(images, clean_run, tmp_path):
+    out = tmp_path / "killed"
+    victim = _interrupt_after_first_checkpoint(out, images, signal.SIGKILL)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    latest = int(find_latest_checkpoint(out / "ckpt").name)
+    assert latest < 12
+    subprocess.run(_cli(out, images, 12, 2), check=True, env=ENV, cwd=REPO, capture_output=True)
+    resumed = _losses(read_metrics(out))
     assert sorted(resumed) == list(range(12)), "metrics.jsonl must read as one uninterrupted run"
     for it in range(12):
-        assert resumed[it] == clean[it], f"iteration {it} (resumed from {latest})"
+        assert resumed[it] == clean_run[it], f"iteration {it} (resumed from {latest})"
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resumes_exactly(images, clean_run, tmp_path):
+    out = tmp_path / "stopped"
+    victim = _interrupt_after_first_checkpoint(out, images, signal.SIGTERM)
+    stderr = victim.stderr.read()
+    assert victim.returncode == 0, stderr[-3000:]
+    assert "SIGTERM received: stopping after this iteration" in stderr
+    stopped = json.loads((out / "run_summary.json").read_text())["stopped_at"]
+    assert stopped is not None and 2 <= stopped < 12
+    assert find_latest_checkpoint(out / "ckpt").name == str(stopped)  # the iteration it stopped at
+    subprocess.run(_cli(out, images, 12, 2), check=True, env=ENV, cwd=REPO, capture_output=True)
+    resumed = _losses(read_metrics(out))
+    for it in range(12):
+        assert resumed[it] == clean_run[it], f"iteration {it} (stopped at {stopped})"
 
 
 def _odd_and_broken_images(root: Path) -> tuple[Path, list[str], list[str]]:
