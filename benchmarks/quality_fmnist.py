@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dino_bridge.config import load_config  # noqa: E402
@@ -79,7 +80,8 @@ def raw_pixel_knn(limit_train: int, limit_val: int) -> float:
 
     def pixels(source, idx):
         idx = range(len(source)) if idx is None else idx
-        feats = torch.stack([torch.as_tensor(list(source.load(int(i)).convert("L").getdata())) for i in idx])
+        images = (np.asarray(source.load(int(i)).convert("L")) for i in idx)
+        feats = torch.stack([torch.from_numpy(image.copy()).flatten() for image in images])
         return feats.float(), torch.tensor([source.labels[int(i)] for i in idx])
 
     train_x, train_y = pixels(train, train_idx)
