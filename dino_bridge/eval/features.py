@@ -18,6 +18,13 @@ from ..models import build_vit
 logger = logging.getLogger("dino_bridge")
 
 
+def _empty_backbone(spec: dict) -> nn.Module:
+    """The backbone described by a checkpoint's ``backbone.json``, allocated on CPU, uninitialised."""
+    with torch.device("meta"):
+        model = build_vit(spec["arch"], drop_path_rate=0.0, **spec["kwargs"])
+    return model.to_empty(device="cpu")
+
+
 def load_backbone(checkpoint: str | Path, which: str = "teacher") -> tuple[nn.Module, dict]:
     """The ``teacher`` (or ``student``) backbone exported in a checkpoint, in eval mode, on CPU.
 
@@ -30,9 +37,7 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> tuple[nn.Mo
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found (was checkpointing.save_student false?)")
     spec = json.loads((path / "backbone.json").read_text())
-    with torch.device("meta"):
-        model = build_vit(spec["arch"], drop_path_rate=0.0, **spec["kwargs"])
-    model.to_empty(device="cpu")
+    model = _empty_backbone(spec)
     state = load_file(str(weights))
     model.load_state_dict(state, strict=True)  # a mismatch is an error, never uninitialised weights
     model.eval()
@@ -42,9 +47,7 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> tuple[nn.Mo
 
 def random_backbone(spec: dict, seed: int = 0) -> nn.Module:
     """The backbone of ``spec`` at its initialisation (the 'before training' baseline)."""
-    with torch.device("meta"):
-        model = build_vit(spec["arch"], drop_path_rate=0.0, **spec["kwargs"])
-    model.to_empty(device="cpu")
+    model = _empty_backbone(spec)
     torch.manual_seed(seed)
     model.init_weights()
     return model.eval()

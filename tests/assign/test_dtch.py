@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dino_bridge.assign.dtch import DTCH
+from tests.assign.dtch_oracle import balance_weights
 
 GOLDEN_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "dtch_seed_head"
 LOGGER = "dino_bridge.assign.dtch"
@@ -125,17 +126,8 @@ def oracle_targets(
     mean = h.mean()
     b = np.where(h < mean / 500.0, np.clip(np.abs(mean / (h + 1e-6) - 500.0) ** 0.3, 1.0, 50.0), 1.0)
     p = b * e / np.maximum((b * e).sum(1, keepdims=True), 1e-25)
-    hh = np.maximum(h, 1e-6)
-    k = len(h)
-    if beta == 1:
-        w = 1.0 / (k * hh)
-    elif 0 < beta < 1:
-        w = (1 - beta) / hh.sum() + beta / (k * hh)
-    elif beta > 1:
-        w = hh ** (-beta)
-    else:
-        w = np.full(k, 1.0 / hh.sum())
-    z = np.log(np.maximum(p, 1e-25)) + np.log(np.maximum(w, 1e-25))
+    w = balance_weights(h, beta)
+    z = np.log(np.maximum(p, 1e-25)) + np.log(w)
     q = np.exp(z - z.max(1, keepdims=True))
     q /= q.sum(1, keepdims=True)
     if gamma != 1:

@@ -16,6 +16,7 @@ from dino_bridge.assign.dtch_math import (
     window_block_rows,
     window_history,
 )
+from tests.assign.dtch_oracle import balance_weights
 
 
 def test_soft_logits_scales_clamps_and_leaves_input_alone():
@@ -74,27 +75,13 @@ def test_boost_threshold_and_cap():
     assert (b[4:] == 1.0).all()
 
 
-def _direct_weights(h, beta):
-    hh = np.maximum(h, 1e-6)
-    k = len(hh)
-    if beta == 1:
-        w = 1.0 / (k * hh)
-    elif 0 < beta < 1:
-        w = (1 - beta) / hh.sum() + beta / (k * hh)
-    elif beta > 1:
-        w = hh ** (-beta)
-    else:
-        w = np.full(k, 1.0 / hh.sum())
-    return np.maximum(w, 1e-25)
-
-
 @pytest.mark.parametrize("beta", [1.0, 0.5, 0.01, 2.0, 3.0, 0.0, -1.0])
 def test_balance_weights_match_direct_formula_per_branch(beta):
     gen = np.random.default_rng(2)
     h = np.concatenate([10.0 ** gen.uniform(-9, 12, 300), [0.0, 1e-7, 1e-6]])
     log_w = balance_log_weights(torch.from_numpy(h), beta)
     assert log_w.dtype == torch.float64 and log_w.shape == h.shape
-    direct = _direct_weights(h, beta)
+    direct = balance_weights(h, beta)
     np.testing.assert_allclose(np.exp(log_w.numpy()), direct, rtol=1e-12, atol=0)
     if beta == 3.0:
         assert (direct == 1e-25).any()  # the weight floor binds on this branch
