@@ -215,6 +215,12 @@ def _read_yaml(path: str | os.PathLike) -> dict:
 
 
 def _validate_choices(cfg: DictConfig) -> None:
+    from ..models.vit import ARCHS
+
+    if cfg.student.arch not in ARCHS:
+        raise ConfigError(
+            f"config key 'student.arch' is {cfg.student.arch!r}; valid values: {', '.join(ARCHS)}"
+        )
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in valid:

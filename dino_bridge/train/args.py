@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train
         finally:
             shutdown_runtime()
     except (ConfigError, FileNotFoundError) as e:
-        logging.getLogger("dino_bridge").error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        logger = logging.getLogger("dino_bridge")
+        if logger.handlers:  # training had started: the console and train.log both get it
+            logger.error("%s", e)
+        else:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..assign import DTCH, SinkhornKnopp, SoftmaxCentering
+from ..config import ConfigError
 from ..data import (
     ConcatImageDataset,
     ImageFolderDataset,
@@ -234,15 +235,18 @@ def build_student_optimizer(cfg: DictConfig, student: nn.ModuleDict, device: tor
 def build_train_source(cfg: DictConfig):
     """The named datasets of ``data:``, each subset by its dataset_ratio, concatenated."""
     if len(cfg.data) == 0:
-        raise ValueError("no training data: add a dataset under 'data:' (txt_path, root or demo)")
+        raise ConfigError("no training data: add a dataset under 'data:' (txt_path, root or demo)")
     sources = []
     for name, src in cfg.data.items():
-        if src.txt_path:
-            ds = ImageListDataset(src.txt_path)
-        elif src.root:
-            ds = ImageFolderDataset(src.root)
-        else:
-            ds = build_demo_dataset(src.demo, "train")
+        try:
+            if src.txt_path:
+                ds = ImageListDataset(src.txt_path)
+            elif src.root:
+                ds = ImageFolderDataset(src.root)
+            else:
+                ds = build_demo_dataset(src.demo, "train")
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data.{name}: {e}") from None
         if float(src.dataset_ratio) < 1.0:
             ds = SubsetDataset(ds, float(src.dataset_ratio), seed=int(cfg.train.seed))
         logger.info("dataset %s: %d images", name, len(ds))

@@ -162,3 +162,19 @@ def test_cli_reports_config_errors_cleanly():
     assert out.returncode == 2
     assert "did you mean 'dino.koleo_cls_loss_weight'" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_unknown_arch_lists_the_presets():
+    with pytest.raises(ConfigError, match="'student.arch' is 'vit_foo'; valid values: vit_tiny, vit_small"):
+        load_config(SEED_YAML, ["student.arch=vit_foo"])
+
+
+def test_missing_data_names_the_dataset_key(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "dino_bridge.train", "--config-file", str(SEED_YAML), "--output-dir",
+         str(tmp_path / "run"), "optim.epochs=1", "data.imagenet_1k.txt_path=/nonexistent/list.txt"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "data.imagenet_1k: image list file '/nonexistent/list.txt' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
