@@ -30,7 +30,15 @@ class FeatureProblem:
 
 
 def total_iterations(cfg: DictConfig) -> int:
+    """Iterations the schedules span: optim.epochs × train.OFFICIAL_EPOCH_LENGTH."""
     return int(cfg.optim.epochs) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+
+
+def end_iteration(cfg: DictConfig) -> int:
+    """Where this run stops: the end of the schedules, or train.stop_at_iteration if earlier."""
+    stop = cfg.train.stop_at_iteration
+    total = total_iterations(cfg)
+    return total if stop is None else min(total, int(stop))
 
 
 def aux_weight_schedules(cfg: DictConfig, total_iters: int | None = None) -> dict[str, np.ndarray]:
@@ -125,7 +133,7 @@ def find_problems(cfg: DictConfig, start_iteration: int = 0) -> list[FeatureProb
         )
 
     # Later milestones: accepted while they cannot take effect in this run.
-    total = total_iterations(cfg)
+    total, end = total_iterations(cfg), end_iteration(cfg)
     if cfg.crops.resize_shuffle_augmentor_switch is not None:
         problems.append(
             FeatureProblem(
@@ -135,13 +143,14 @@ def find_problems(cfg: DictConfig, start_iteration: int = 0) -> list[FeatureProb
             )
         )
     for name, schedule in aux_weight_schedules(cfg, total).items():
-        first = first_active_iteration(schedule, start_iteration)
+        first = first_active_iteration(schedule[:end], start_iteration)
         if first is not None:
             problems.append(
                 FeatureProblem(
                     f"resize_shuffle_augmentor.{name}",
                     f"is > 0 from iteration {first} of {total}; the Crop-Resize / PatchRoll / bridge streams"
-                    " are not available yet (shorten the run, e.g. optim.epochs, or set the weight to 0)",
+                    f" are not available yet (run up to there: train.stop_at_iteration={first}, or set the"
+                    " weight to 0)",
                     True,
                 )
             )

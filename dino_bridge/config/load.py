@@ -248,6 +248,9 @@ def _validate_choices(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config key 'data.{name}.dataset_ratio' must be in (0, 1], got {source.dataset_ratio}"
             )
+    stop = cfg.train.stop_at_iteration
+    if stop is not None and stop < 1:
+        raise ConfigError(f"config key 'train.stop_at_iteration' must be >= 1 or null, got {stop}")
     for key in ("ibot.mask_ratio_min_max", "crops.global_crops_scale", "crops.local_crops_scale"):
         pair = OmegaConf.select(cfg, key)
         if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:

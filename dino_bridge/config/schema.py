@@ -97,6 +97,9 @@ class TrainConfig:
     cell_augmentation_type: str = "hpa"
     sharded_eval_checkpoint: bool = False
     log_period: int = 10  # NEW: iterations between metrics.jsonl records
+    # NEW: stop (with a checkpoint) once this many iterations are done; the schedules still span
+    # optim.epochs, so a long recipe can be run in parts (or up to where a feature is needed).
+    stop_at_iteration: int | None = None
     max_nonfinite_steps: int = 3  # NEW: consecutive skipped (non-finite) steps before training stops
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..assign import DTCH, SinkhornKnopp, SoftmaxCentering
 from ..config import ConfigError
+from ..config.features import total_iterations
 from ..data import (
     ConcatImageDataset,
     ImageFolderDataset,
@@ -190,10 +191,6 @@ def _spec(node, **extra) -> ScheduleSpec:
         cosine_epochs=None if node.cosine_epochs is None else float(node.cosine_epochs),
         **extra,
     )
-
-
-def total_iterations(cfg: DictConfig) -> int:
-    return int(cfg.optim.epochs) * int(cfg.train.OFFICIAL_EPOCH_LENGTH)
 
 
 def global_batch_size(cfg: DictConfig, world_size: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from ..config.features import find_problems, superseded_notes
+from ..config.features import end_iteration, find_problems, superseded_notes
 from ..distributed.device import detect_device_type, launch_env
 from . import build
 from .schedules import lr_scale
@@ -38,6 +38,7 @@ def dry_run_report(cfg: DictConfig) -> dict:
         "lr_peak_scaled": float(cfg.schedules.lr.peak) * scale,
         "lr_end_scaled": float(cfg.schedules.lr.end) * scale,
         "total_iterations": build.total_iterations(cfg),
+        "iterations_this_run": end_iteration(cfg),
         "teacher_targets": build.assigner_kind(cfg),
         "device": device_type,
         "device_note": note,

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError, save_config
-from ..config.features import find_problems, superseded_notes
+from ..config.features import end_iteration, find_problems, superseded_notes
 from ..distributed import dist
 from ..distributed.data_parallel import average_gradients_, broadcast_parameters_
 from ..distributed.device import Runtime
@@ -62,7 +62,8 @@ class TrainingRun:
     meta: SSLMetaArch
     optimizer: torch.optim.Optimizer
     schedules: build.TrainingSchedules
-    total_iters: int
+    total_iters: int  # the schedules' length
+    end_iter: int  # where this run stops (train.stop_at_iteration, or total_iters)
     plan: ParallelPlan
 
     @property
@@ -107,6 +108,7 @@ def build_run(cfg: DictConfig, runtime: Runtime, output_dir: Path) -> TrainingRu
         optimizer=build.build_student_optimizer(cfg, student, device),
         schedules=build.build_schedules(cfg, runtime.world_size),
         total_iters=build.total_iterations(cfg),
+        end_iter=end_iteration(cfg),
         plan=plan,
     )
 
@@ -271,6 +273,17 @@ def train(
         start_iter, warmup_batches = int(state["iteration"]), int(state["warmup_batches"])
         for name, assigner in run.meta.assigners.items():
             assigner.load_state_dict(state["assigners"][name])
+        if state["world_size"] != runtime.world_size:
+            logger.warning(
+                "resuming a checkpoint written by %d processes on %d: models, optimizer and teacher-target"
+                " state carry over, the data order differs from an uninterrupted run",
+                state["world_size"],
+                runtime.world_size,
+            )
+    if start_iter >= run.end_iter:
+        logger.info(
+            "already at iteration %d (this run ends at %d): nothing to train", start_iter, run.end_iter
+        )
     elif runtime.world_size > 1 and not run.plan.fsdp:
         broadcast_parameters_(run.meta.student)  # equal already (seeded init); guards against drift
         broadcast_parameters_(run.meta.teacher)
@@ -326,16 +339,16 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
     cfg, runtime = run.cfg, run.runtime
     log_period, period = max(1, int(cfg.train.log_period)), int(cfg.checkpointing.period)
     metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
-    timer, bar = StepTimer(), progress_bar(run.total_iters, start_iter, runtime.is_main)
+    timer, bar = StepTimer(), progress_bar(run.end_iter, start_iter, runtime.is_main)
     skipped = SkippedImages(runtime.device)
     streak, record, last_ckpt, stopped_at = 0, {}, None, None
     with GracefulStop() as stop:
-        for it in range(start_iter, run.total_iters):
+        for it in range(start_iter, run.end_iter):
             t0 = time.perf_counter()
             batch = next(batches)
             timer.add_data_wait(time.perf_counter() - t0)
             skipped.note(batch.get("skipped", []))
-            logs_now = (it + 1) % log_period == 0 or it + 1 == run.total_iters or it == start_iter
+            logs_now = (it + 1) % log_period == 0 or it + 1 == run.end_iter or it == start_iter
             step = train_step(run, build.move_batch(batch, runtime.device), it, log_diagnostics=logs_now)
             streak = streak + 1 if step.skipped else 0
             if step.skipped:
@@ -354,7 +367,7 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
                 last_ckpt, stopped_at = _save(run, it + 1, warmup_batches), it + 1
                 logger.warning("stopped at iteration %d; the same command resumes from %s", it + 1, last_ckpt)
                 break
-            if (it + 1) % period == 0 or it + 1 == run.total_iters:
+            if (it + 1) % period == 0 or it + 1 == run.end_iter:
                 last_ckpt = _save(run, it + 1, warmup_batches)
     bar.close()
     skipped.summarise()

@@ -109,6 +109,10 @@ def test_features_accepted_while_they_cannot_take_effect():
     assert "from iteration 50001" in str(full[0])
     # A short run never reaches the auxiliary streams: nothing to refuse.
     assert find_problems(load_config(SEED_YAML, ["optim.epochs=2"])) == []
+    # Nor does the full 1000-epoch recipe run up to where they start (its schedules unchanged).
+    assert find_problems(load_config(SEED_YAML, ["train.stop_at_iteration=50001"])) == []
+    problems = find_problems(load_config(SEED_YAML, ["train.stop_at_iteration=50002"]))
+    assert problems and "train.stop_at_iteration=50001" in problems[0].message
 
 
 def test_unsupported_features_rejected_when_enabled():

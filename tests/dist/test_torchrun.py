@@ -55,6 +55,10 @@ def test_seed_yaml_trains_under_torchrun_with_identical_ranks(tmp_path):
     assert (out / "ckpt" / "4" / "teacher_backbone.safetensors").is_file()
     log = (out / "train.log").read_text()
     assert "rank 0/2" in log and "backend gloo" in log
+    # the seed's execution settings apply: FSDP2 (SHARD_GRAD_OP), bf16 compute, selective recompute
+    assert "parallelism: FSDP2 (reshard_after_forward=False), params bf16, reduce fp32," in log
+    assert "activation checkpointing selective" in log
+    assert "train.compile: skipped on cpu" in log
     assert "teacher targets: sinkhorn_knopp" in log
 
 

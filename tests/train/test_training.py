@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -56,12 +55,17 @@ def test_golden_losses(images, tmp_path):
 def test_resume_from_a_checkpoint_is_exact(images, tmp_path):
     run_training(tiny_config(images, iterations=6, period=3), tmp_path / "full")
     full = _losses(read_metrics(tmp_path / "full"))
-    # A second run that only has the first checkpoint resumes from it (auto-resume from the output dir).
-    shutil.copytree(tmp_path / "full" / "ckpt" / "3", tmp_path / "resumed" / "ckpt" / "3")
+    # Stop after 3 of the 6 scheduled iterations, then run the same command again: it resumes from
+    # the output dir's checkpoint and the whole run equals the uninterrupted one.
+    part = tiny_config(images, iterations=6, period=100, extra=["train.stop_at_iteration=3"])
+    summary = run_training(part, tmp_path / "resumed")
+    assert summary["checkpoint"].endswith("ckpt/3") and sorted(
+        _losses(read_metrics(tmp_path / "resumed"))
+    ) == [0, 1, 2]
     run_training(tiny_config(images, iterations=6, period=3), tmp_path / "resumed")
     resumed = _losses(read_metrics(tmp_path / "resumed"))
-    assert sorted(resumed) == [3, 4, 5]
-    for it in (3, 4, 5):
+    assert sorted(resumed) == list(range(6))
+    for it in range(6):
         assert resumed[it] == full[it], f"iteration {it}: {resumed[it]} != {full[it]}"
     # the final weights are identical too
     a = torch.load(tmp_path / "full/ckpt/6/trainer_state.pt", weights_only=False)
