@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -130,7 +129,7 @@ def summarise(results: list[dict], variants: list[str]) -> list[dict]:
         scores = [r["knn20"] for r in results if r["variant"] == variant]
         if not scores:
             continue
-        std = statistics.stdev(scores) if len(scores) > 1 else math.nan
+        std = statistics.stdev(scores) if len(scores) > 1 else None
         rows.append({"variant": variant, "mean": statistics.mean(scores), "std": std, "n": len(scores)})
     return rows
 
@@ -144,7 +143,7 @@ def markdown(rows: list[dict], raw: float, args) -> str:
         "|---|---:|---:|",
     ]
     for row in rows:
-        std = "" if math.isnan(row["std"]) else f" ± {row['std']:.2f}"
+        std = "" if row["std"] is None else f" ± {row['std']:.2f}"
         lines.append(f"| {row['variant']} | {row['mean']:.2f}{std} | {row['n']} |")
     lines.append(f"| raw pixels (no training) | {raw:.2f} | – |")
     return "\n".join(lines)
@@ -161,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit-val", type=int, default=2000)
     p.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --json, run the rest")
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 iterations, one seed, small kNN")
     p.add_argument("overrides", nargs="*", default=[], help="extra key=value overrides for every run")
     args = p.parse_args(argv)
@@ -170,39 +170,59 @@ def main(argv: list[str] | None = None) -> int:
     FashionMNIST("test")  # fails early with the install hint
 
     started = time.perf_counter()
-    results = []
+    results = previous_runs(args)
+
+    def save(raw: float | None = None, rows: list[dict] | None = None) -> None:
+        """Written after every run, so an interrupted benchmark keeps what it measured."""
+        if not args.json:
+            return
+        record = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "minutes_this_invocation": round((time.perf_counter() - started) / 60, 1),
+            "args": {k: v for k, v in vars(args).items() if k not in ("json", "resume")},
+            "raw_pixels_knn20": raw,
+            "summary": rows,
+            "runs": results,
+        }
+        tmp_path = Path(args.json).with_suffix(".json.tmp")
+        tmp_path.write_text(json.dumps(record, indent=2) + "\n")
+        tmp_path.replace(args.json)
+
+    done = {(r["variant"], r["seed"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         for seed in args.seeds:
             for variant in args.variants:
+                if (variant, seed) in done:
+                    print(f"{variant} seed {seed}: kept from {args.json}", flush=True)
+                    continue
                 result = run_one(variant, seed, args, workdir)
                 results.append(result)
+                save()
                 print(
                     f"{variant} seed {seed}: 20-NN {result['knn20']:.2f}% ({result['train_minutes']} min)",
                     flush=True,
                 )
     raw = raw_pixel_knn(args.limit_train, args.limit_val)
-    rows = summarise(results, args.variants)
-    table = markdown(rows, raw, args)
-    print(table)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                    "torch": torch.__version__,
-                    "threads": torch.get_num_threads(),
-                    "minutes": round((time.perf_counter() - started) / 60, 1),
-                    "args": {k: v for k, v in vars(args).items() if k != "json"},
-                    "raw_pixels_knn20": raw,
-                    "summary": rows,
-                    "runs": results,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    wanted = [r for r in results if r["seed"] in args.seeds]
+    rows = summarise(wanted, args.variants)
+    print(markdown(rows, raw, args))
+    save(raw, rows)
     return 0
+
+
+def previous_runs(args) -> list[dict]:
+    """With --resume, the runs already in --json measured under the same budget (else none)."""
+    if not (args.resume and args.json and Path(args.json).exists()):
+        return []
+    old = json.loads(Path(args.json).read_text())
+    budget = ("iterations", "batch", "prototypes", "limit_train", "limit_val", "overrides")
+    mismatched = [k for k in budget if old["args"].get(k) != getattr(args, k)]
+    if mismatched:
+        raise SystemExit(f"--resume: {args.json} was measured with other {', '.join(mismatched)}")
+    return old["runs"]
 
 
 if __name__ == "__main__":

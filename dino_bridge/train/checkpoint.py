@@ -186,6 +186,39 @@ def load_checkpoint(
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
+def backbone_weights_file(path: str | os.PathLike) -> Path:
+    """A ``.safetensors`` backbone file, or the teacher export of a checkpoint / ckpt folder / run dir."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: backbone weights must be a .safetensors file or a checkpoint folder")
+        return path
+    return resolve_checkpoint(path) / "teacher_backbone.safetensors"
+
+
+def load_backbone_weights_(backbone: nn.Module, path: str | os.PathLike) -> Path:
+    """Load full (consolidated) backbone weights into ``backbone``, sharded or not; strict."""
+    from safetensors.torch import load_file
+
+    source = backbone_weights_file(path)
+    state = load_file(str(source))
+    shapes = {k: tuple(v.shape) for k, v in get_model_state_dict(backbone).items()}
+    missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {shapes[k]}"
+        for k in sorted(shapes.keys() & state.keys())
+        if tuple(state[k].shape) != shapes[k]
+    ]
+    if missing or unexpected or resized:
+        raise ValueError(
+            f"{source} does not match the configured backbone: {len(missing)} missing keys"
+            f" {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]},"
+            f" {len(resized)} of another shape (file vs model) {resized[:5]}"
+        )
+    set_model_state_dict(backbone, state, options=StateDictOptions(full_state_dict=True))
+    return source
+
+
 def prune_checkpoints(root: str | os.PathLike, max_to_keep: int, keep_every: int = 0) -> list[Path]:
     """Delete all but the ``max_to_keep`` newest checkpoints, sparing multiples of ``keep_every``."""
     root = Path(root)

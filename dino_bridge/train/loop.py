@@ -34,6 +34,7 @@ from . import build
 from .checkpoint import (
     checkpoint_root,
     find_latest_checkpoint,
+    load_backbone_weights_,
     load_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
@@ -284,9 +285,11 @@ def train(
         logger.info(
             "already at iteration %d (this run ends at %d): nothing to train", start_iter, run.end_iter
         )
-    elif runtime.world_size > 1 and not run.plan.fsdp:
-        broadcast_parameters_(run.meta.student)  # equal already (seeded init); guards against drift
-        broadcast_parameters_(run.meta.teacher)
+    else:
+        _initialise_from_pretrained(run)
+        if runtime.world_size > 1 and not run.plan.fsdp:
+            broadcast_parameters_(run.meta.student)  # equal already (seeded init); guards against drift
+            broadcast_parameters_(run.meta.teacher)
 
     source = build.build_train_source(cfg)
     position = (start_iter + warmup_batches) * batch_size
@@ -309,6 +312,23 @@ def train(
     if runtime.is_main:
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def _initialise_from_pretrained(run: TrainingRun) -> None:
+    """student.pretrained_weights / resume_from_teacher_chkpt: the backbone starts from those
+    weights (the heads from their seeded init) and the teacher copies the student."""
+    student_cfg = run.cfg.student
+    given = [k for k in ("pretrained_weights", "resume_from_teacher_chkpt") if student_cfg[k]]
+    if not given:
+        return
+    if len(given) > 1:
+        raise ConfigError("set only one of student.pretrained_weights and student.resume_from_teacher_chkpt")
+    try:
+        source = load_backbone_weights_(run.student["backbone"], student_cfg[given[0]])
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"student.{given[0]}: {e}") from None
+    copy_student_to_teacher_(run.teacher, run.student)
+    logger.info("student and teacher backbones initialised from %s (student.%s)", source, given[0])
 
 
 def parameter_checksum(module: nn.Module) -> str:
