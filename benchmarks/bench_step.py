@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def config_overrides(args: argparse.Namespace, data_names: list[str], txt_path: Path) -> list[str]:
+def config_overrides(args: argparse.Namespace, data_names: list[str], txt_path: Path | str) -> list[str]:
     overrides = [
         f"student.arch={args.arch}",
         f"dino.head_n_prototypes={args.k}",
@@ -293,6 +293,12 @@ def profile_steps(run: TrainingRun, batches: list, first_it: int, count: int) ->
 
 
 # ------------------------------------------------------------------------------------------ main
+def shown_path(path: str | Path) -> str:
+    """A path as it goes into the results: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     load_before = os.getloadavg()[0]
     txt_path = (
@@ -344,7 +350,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         "status": "ok",
         "environment": environment(device, torch.get_num_threads(), load_before),
         "config": {
-            "yaml": str(args.config),
+            "yaml": shown_path(args.config),
             "device": str(device),
             "arch": str(cfg.student.arch),
             "k": int(cfg.dino.head_n_prototypes),
@@ -358,7 +364,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "activation_checkpointing": run.plan.activation_checkpointing,
             "teacher_targets": build.assigner_kind(cfg),
             "masked_patches_per_batch": int(batch["n_masked_patches"]),
-            "overrides": config_overrides(args, list(seed_cfg.data.keys()), txt_path),
+            "overrides": config_overrides(
+                args, list(seed_cfg.data.keys()), shown_path(txt_path) if args.data else "<synthetic images>"
+            ),
         },
         "timing": {
             "steps": args.steps,

@@ -26,6 +26,9 @@ def test_quick_run_times_steps_fills_dtch_and_profiles(tmp_path: Path) -> None:
     assert min(timing["step_s"][1:]) <= timing["median_s"] <= max(timing["step_s"][1:])
     assert report["memory"]["peak_rss_mb"] >= report["memory"]["rss_before_steps_mb"] > 0
     assert report["config"]["teacher_targets"] == "dtch" and report["config"]["k"] == 256
+    # results are committed: no path of the machine that ran them
+    assert report["config"]["yaml"] == "configs/dinov3_vitlarge_pretrain.yaml"
+    assert str(tmp_path) not in out.read_text() and str(REPO) not in out.read_text()
     # every DTCH window was filled before the timed steps
     for name in ("dino_cls", "ibot_patch"):
         window = report["dtch"][name]
