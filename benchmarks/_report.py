@@ -1,4 +1,5 @@
-"""The machine description and the printed report of ``bench_step.py`` (its JSON, as markdown)."""
+"""Shared by the benchmarks: the machine description, device sync, memory readings, and the printed
+report of ``bench_step.py`` (its JSON, as markdown)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (CUDA); a no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def git_revision() -> str:

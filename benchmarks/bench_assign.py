@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._report import cpu_model, synchronize  # noqa: E402
 from dino_bridge.assign import DTCH, SinkhornKnopp, SoftmaxCentering  # noqa: E402
 from dino_bridge.assign.dtch_math import window_block_rows  # noqa: E402
 
@@ -85,14 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return models[0] if models else platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, object]:
     """Torch version, device name, threads and date of this run."""
     if device.type == "cuda":
@@ -106,12 +99,6 @@ def environment(device: torch.device) -> dict[str, object]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued kernels (CUDA); a no-op on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_logit_sampler(k: int, device: torch.device, seed: int = 0):

@@ -48,7 +48,13 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks._report import current_rss_mb, environment, peak_rss_mb, print_report  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    current_rss_mb,
+    environment,
+    peak_rss_mb,
+    print_report,
+    synchronize,
+)
 from benchmarks._synthetic import write_synthetic_images  # noqa: E402
 from dino_bridge.config import load_config  # noqa: E402
 from dino_bridge.config.features import find_problems  # noqa: E402
@@ -127,11 +133,6 @@ def config_overrides(args: argparse.Namespace, data_names: list[str], txt_path: 
     for name in data_names:
         overrides += [f"data.{name}.txt_path={txt_path}", f"data.{name}.dataset_ratio=1.0"]
     return overrides + list(args.overrides)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ------------------------------------------------------------------------------------------- data

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ..data import EvalTransform, ImageFolderDataset, ImageLoadError, build_demo_dataset
@@ -30,16 +29,13 @@ def load_backbone(checkpoint: str | Path, which: str = "teacher") -> tuple[nn.Mo
 
     ``checkpoint`` is one checkpoint folder, a ``ckpt`` folder or a run directory (latest checkpoint).
     """
-    from ..train.checkpoint import resolve_checkpoint
+    from ..train.checkpoint import backbone_weights_file, load_backbone_weights_, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
-    weights = path / f"{which}_backbone.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} not found (was checkpointing.save_student false?)")
+    weights = backbone_weights_file(path, which)
     spec = json.loads((path / "backbone.json").read_text())
     model = _empty_backbone(spec)
-    state = load_file(str(weights))
-    model.load_state_dict(state, strict=True)  # a mismatch is an error, never uninitialised weights
+    load_backbone_weights_(model, weights)  # strict: a mismatch is an error, never uninitialised weights
     model.eval()
     spec["checkpoint"] = str(path)
     return model, spec

@@ -186,14 +186,18 @@ def load_checkpoint(
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
 
 
-def backbone_weights_file(path: str | os.PathLike) -> Path:
-    """A ``.safetensors`` backbone file, or the teacher export of a checkpoint / ckpt folder / run dir."""
+def backbone_weights_file(path: str | os.PathLike, which: str = "teacher") -> Path:
+    """A ``.safetensors`` backbone file, or the ``which`` (teacher/student) backbone export of a
+    checkpoint, a ``ckpt`` folder or a run dir (its latest checkpoint)."""
     path = Path(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ValueError(f"{path}: backbone weights must be a .safetensors file or a checkpoint folder")
         return path
-    return resolve_checkpoint(path) / "teacher_backbone.safetensors"
+    weights = resolve_checkpoint(path) / f"{which}_backbone.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found (was checkpointing.save_student false?)")
+    return weights
 
 
 def load_backbone_weights_(backbone: nn.Module, path: str | os.PathLike) -> Path:
