@@ -311,6 +311,9 @@ def train(
         logger.error("the ranks' parameters differ at the end: %s", summary["param_checksums"])
     if runtime.is_main:
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    # No rank tears its process group down while another still uses it: under load, a gloo rank
+    # that exited while rank 0 was still writing occasionally aborted at exit (SIGABRT).
+    dist.barrier()
     return summary
 
 
