@@ -13,7 +13,7 @@ if [ ! -f "$FMNIST" ] && [ -z "${DINO_BRIDGE_FASHION_MNIST:-}" ]; then
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     echo "installing the Fashion-MNIST demo data (apt: dataset-fashion-mnist)"
     $SUDO apt-get update -qq
-    $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
   else
     echo "warning: no apt-get here; get Fashion-MNIST's idx .gz files and set DINO_BRIDGE_FASHION_MNIST" >&2
   fi
