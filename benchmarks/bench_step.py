@@ -57,7 +57,6 @@ from benchmarks._report import (  # noqa: E402
 )
 from benchmarks._synthetic import write_synthetic_images  # noqa: E402
 from dino_bridge.config import load_config  # noqa: E402
-from dino_bridge.config.features import find_problems  # noqa: E402
 from dino_bridge.distributed.device import setup_runtime  # noqa: E402
 from dino_bridge.train import build  # noqa: E402
 from dino_bridge.train.loop import TrainingRun, build_run, teacher_targets, train_step  # noqa: E402
@@ -68,6 +67,7 @@ EXIT_OOM = 3
 QUICK = dict(arch="vit_tiny", k=256, batch=4, steps=3, skip=1, images=16, image_size=48)
 QUICK_OVERRIDES = [
     "student.patch_size=8",
+    "resize_shuffle_augmentor.patch_size=8",
     "crops.global_crops_size=32",
     "crops.local_crops_size=16",
     "dino.head_hidden_dim=64",
@@ -153,8 +153,10 @@ def prefetch_batches(run: TrainingRun, pool: int) -> tuple[list[dict], list[floa
 
 
 # ------------------------------------------------------------------------------------------- DTCH
-def _dtch_windows(run: TrainingRun) -> dict:
-    return {name: a for name, a in run.meta.assigners.items() if hasattr(a, "history_full")}
+def _dtch_windows(run: TrainingRun, iteration: int = 0) -> dict:
+    """The DTCH instances that the step at ``iteration`` calls."""
+    called = {name: run.meta.assigners[name] for name in run.meta.plan(iteration).assigners}
+    return {name: a for name, a in called.items() if hasattr(a, "history_full")}
 
 
 def fill_dtch_windows(run: TrainingRun, batch: dict, mode: str) -> dict:
@@ -173,7 +175,10 @@ def fill_dtch_windows(run: TrainingRun, batch: dict, mode: str) -> dict:
     hooks = [a.register_forward_pre_hook(keep_inputs(name)) for name, a in windows.items()]
     device = run.runtime.device
     t0 = time.perf_counter()
-    teacher_targets(run, build.move_batch(batch, device), run.schedules.at(0)["teacher_temp"])
+    ctx = run.meta.context(
+        build.move_batch(batch, device), run.meta.plan(0), run.schedules.at(0)["teacher_temp"]
+    )
+    teacher_targets(run, ctx)
     synchronize(device)
     report: dict = {"mode": mode, "first_teacher_call_s": time.perf_counter() - t0}
     for hook in hooks:
@@ -309,7 +314,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
     )
     seed_cfg = load_config(args.config)
     cfg = load_config(args.config, config_overrides(args, list(seed_cfg.data.keys()), txt_path))
-    problems = find_problems(cfg)
+    problems = build.config_problems(cfg)
     if problems:
         raise SystemExit("this config cannot run yet:\n  - " + "\n  - ".join(map(str, problems)))
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -364,7 +369,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "compile_applied": run.plan.compile and device.type == "cuda",
             "activation_checkpointing": run.plan.activation_checkpointing,
             "teacher_targets": build.assigner_kind(cfg),
-            "masked_patches_per_batch": int(batch["n_masked_patches"]),
+            "masked_patches_per_batch": batch["masks"]["global"].count,
             "overrides": config_overrides(
                 args, list(seed_cfg.data.keys()), shown_path(txt_path) if args.data else "<synthetic images>"
             ),

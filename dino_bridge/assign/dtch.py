@@ -75,7 +75,8 @@ class DTCH(TeacherAssigner):
     ``probs = dtch(logits, teacher_temp)``: logits [N, K] -> probs [N, K] fp32, rows sum to 1.
     ``history_size`` counts global rows; ``exp_power=None`` means ``exp_power = temp_scale``.
     Every rank must make the same calls in the same order (one all-reduce and one all-gather
-    per call).
+    per call). ``name`` (the target kind it serves) appears in its errors; a call with zero rows on
+    every rank is one.
 
     For the trainer: ``capacity`` (C, None before the first call) and ``history_full`` drive the
     warm-up (no-grad teacher passes until full); ``snapshot()``/``restore(record)`` undo one call
@@ -103,8 +104,10 @@ class DTCH(TeacherAssigner):
         boost_divisor: float = 500.0,
         boost_eps: float = 1e-6,
         logit_clamp: float = 30.0,
+        name: str = "dtch",
     ) -> None:
         super().__init__()
+        self.name = str(name)
         exp_power = temp_scale if exp_power is None else exp_power
         checks = {
             "num_prototypes": (num_prototypes, 1 <= num_prototypes <= _MAX_PROTOTYPES, "in [1, 2^24]"),
@@ -191,8 +194,11 @@ class DTCH(TeacherAssigner):
         mass = torch.cat([exp_soft.sum(0), exp_soft.new_full((1,), float(num_rows))])
         dist.all_reduce_(mass, "sum")
         global_rows = num_rows if dist.get_world_size() == 1 else round(mass[k].item())
-        if global_rows == 0:  # the same on every rank: nothing to push, nothing to gather
-            return exp_soft
+        if global_rows == 0:  # the same on every rank: a caller that planned no rows is a bug
+            raise ValueError(
+                f"DTCH {self.name}: called with zero rows on every rank (no targets to balance); "
+                "the term that needs it would be silently empty"
+            )
 
         self._num_calls += 1
         slot, initialising = self._push(mass[:k].clamp_min_(MASS_FLOOR), global_rows)

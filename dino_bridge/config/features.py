@@ -1,29 +1,22 @@
 """Which requested features can take effect in this run.
 
 A feature that dino_bridge does not implement is accepted while it is disabled and rejected with a
-clear message when it is enabled; a feature whose implementation is a later milestone ("not
-available yet") is accepted as long as it cannot take effect in the run: the seed config's
-auxiliary (Crop-Resize / PatchRoll / bridge) weights stay 0 for its first 50 epochs, so a short run
-never needs those views and does not build them. ``--dry-run`` lists the problems instead of
-failing on them.
+clear message when it is enabled. ``--dry-run`` lists the problems instead of failing on them.
+Checks that need the loss-term schedules (a stream weight that is non-zero somewhere) live with
+the streams, in ``train/build.py::check_streams``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from omegaconf import DictConfig
-
-from ..train.schedules import aux_weight_spec, build_schedule
-from .load import AUX_WEIGHT_KEYS
 
 
 @dataclass(frozen=True)
 class FeatureProblem:
     key: str
     message: str
-    not_available_yet: bool = False  # a later milestone, rather than something we do not support
 
     def __str__(self) -> str:
         return f"{self.key}: {self.message}"
@@ -39,19 +32,6 @@ def end_iteration(cfg: DictConfig) -> int:
     stop = cfg.train.stop_at_iteration
     total = total_iterations(cfg)
     return total if stop is None else min(total, int(stop))
-
-
-def aux_weight_schedules(cfg: DictConfig, total_iters: int | None = None) -> dict[str, np.ndarray]:
-    """Per-iteration values of the auxiliary loss weights over the whole run."""
-    total = total_iterations(cfg) if total_iters is None else total_iters
-    epoch = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
-    rs = cfg.resize_shuffle_augmentor
-    return {name: build_schedule(aux_weight_spec(rs[name]), epoch, total) for name in AUX_WEIGHT_KEYS}
-
-
-def first_active_iteration(schedule: np.ndarray, start: int = 0) -> int | None:
-    active = np.nonzero(schedule[start:] > 0)[0]
-    return None if active.size == 0 else int(active[0]) + start
 
 
 _SUPERSEDED = {
@@ -78,7 +58,7 @@ def _select(cfg: DictConfig, dotted: str):
     return node
 
 
-def find_problems(cfg: DictConfig, start_iteration: int = 0) -> list[FeatureProblem]:
+def find_problems(cfg: DictConfig) -> list[FeatureProblem]:
     """Everything in ``cfg`` that would take effect in this run but cannot."""
     problems: list[FeatureProblem] = []
 
@@ -132,28 +112,19 @@ def find_problems(cfg: DictConfig, start_iteration: int = 0) -> list[FeatureProb
             "ibot.separate_head", "a shared head needs ibot.head_n_prototypes == dino.head_n_prototypes"
         )
 
-    # Later milestones: accepted while they cannot take effect in this run.
-    total, end = total_iterations(cfg), end_iteration(cfg)
     if cfg.crops.resize_shuffle_augmentor_switch is not None:
-        problems.append(
-            FeatureProblem(
-                "crops.resize_shuffle_augmentor_switch",
-                "custom augmentor switches are not available yet",
-                True,
-            )
+        unsupported(
+            "crops.resize_shuffle_augmentor_switch",
+            "custom augmentor switches are not supported (the views are chosen by the stream weights);"
+            " leave it null",
         )
-    for name, schedule in aux_weight_schedules(cfg, total).items():
-        first = first_active_iteration(schedule[:end], start_iteration)
-        if first is not None:
-            problems.append(
-                FeatureProblem(
-                    f"resize_shuffle_augmentor.{name}",
-                    f"is > 0 from iteration {first} of {total}; the Crop-Resize / PatchRoll / bridge streams"
-                    f" are not available yet (run up to there: train.stop_at_iteration={first}, or set the"
-                    " weight to 0)",
-                    True,
-                )
-            )
+    rs = cfg.resize_shuffle_augmentor
+    if cfg.MODEL.META_ARCHITECTURE == "SSLResizeShuffle" and rs.patch_size != cfg.student.patch_size:
+        unsupported(
+            "resize_shuffle_augmentor.patch_size",
+            f"is {rs.patch_size} but student.patch_size is {cfg.student.patch_size}; the views roll and"
+            " paste whole patches, so they must be equal",
+        )
     return problems
 
 

@@ -26,6 +26,8 @@ SCHEDULE_KEYS = ("start", "peak", "end", "zero_epochs", "warmup_epochs", "cosine
 AUX_WEIGHT_KEYS = (
     "resize_paste_loss_weight",
     "patch_shuffle_loss_weight",
+    "patch_shuffle_patch_weight",
+    "patch_shuffle_cls_weight",
     "bridge_patchshuffle_weight",
     "bridge_global_weight",
 )

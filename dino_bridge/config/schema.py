@@ -249,18 +249,33 @@ class DataSourceConfig:
 
 @dataclass
 class ResizeShuffleConfig:
-    # Weights: a number or a schedule {start, peak, end, zero_epochs, warmup_epochs, cosine_epochs}.
+    """The invariance streams (METHOD §4-5), used by ``MODEL.META_ARCHITECTURE: SSLResizeShuffle``
+    with ``crops.use_resize_shuffle_augmentor: true``. Every weight factor is a number or a schedule
+    {start, peak, end, zero_epochs, warmup_epochs, cosine_epochs}; a term's effective weight is the
+    product of its factors, and the schedule value multiplies the loss."""
+
     resize_paste_loss_weight: Any = 0.0
     patch_shuffle_loss_weight: Any = 0.0
-    patch_shuffle_patch_weight: float = 1.0
-    patch_shuffle_cls_weight: float = 1.0
-    patch_shuffle_patch_probability: float = 0.5
+    patch_shuffle_patch_weight: Any = 1.0
+    patch_shuffle_cls_weight: Any = 1.0
+    patch_shuffle_patch_probability: float = 0.5  # images of a step with aligned patches
     patch_shuffle_patch_min_max: list[float] = field(default_factory=lambda: [0.05, 0.15])
-    use_all_shift_mask: bool = True
+    use_all_shift_mask: bool = True  # false: aligned positions are never student mask tokens
     bridge_patchshuffle_weight: Any = 0.0
     bridge_global_weight: Any = 0.0
-    bridge_ibot_gate: float = 4.0  # NEW: bridge losses apply while the iBOT loss is below this
-    patch_size: int = 16
+    bridge_ibot_gate: float | None = 4.0  # NEW: bridge terms while the iBOT loss is below this (null: always)
+    patch_size: int = 16  # must equal student.patch_size
+    # NEW: the geometry of the views, as keys (the reference hard-coded these values)
+    r_plain_probability: float = 0.3  # source r without photometric ops
+    o_squash_probability: float = 0.5  # source o squashed to S×S (else short side + centre crop)
+    resize_paste_crop_probability: float = 0.7
+    resize_paste_crop_scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    resize_paste_ratio: list[float] = field(default_factory=lambda: [0.5, 0.9])  # paste side / S
+    resize_paste_keep_aspect_probability: float = 0.3
+    patch_roll_max_shift: int = 5  # in patches
+    bridge_hidden_dim: int | None = None  # None: embed_dim // 2
+    bridge_input_clamp: float = 10.0  # the bridge output is clamped to ± this before the head
+    bridge_logit_clamp: float = 30.0  # and its logits to ± this
 
 
 @dataclass

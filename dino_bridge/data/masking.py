@@ -127,16 +127,18 @@ def sample_ibot_masks(
     ratio_min_max: tuple[float, float],
     generator: torch.Generator,
     random_circular_shift: bool = False,
+    max_block_patches: int | None = None,
 ) -> torch.Tensor:
     """Bool [M, P] masks for M = ``n_images`` global crops (see the module docstring).
 
-    Blocks are capped at 0.5·P patches (as the reference). The masked images come first, then the
-    unmasked ones, and the list is shuffled; with ``random_circular_shift`` each 2-D mask is rolled by a
-    random (dy, dx).
+    Blocks are capped at ``max_block_patches`` (default 0.5·P, as the reference). The masked images
+    come first, then the unmasked ones, and the list is shuffled; with ``random_circular_shift``
+    each 2-D mask is rolled by a random (dy, dx).
     """
     num_patches = grid_h * grid_w
     counts = num_masked_patches_per_image(n_images, num_patches, mask_probability, ratio_min_max)
-    masking = MaskingGenerator(grid_h, grid_w, max_num_patches=int(0.5 * num_patches))
+    cap = int(0.5 * num_patches) if max_block_patches is None else int(max_block_patches)
+    masking = MaskingGenerator(grid_h, grid_w, max_num_patches=cap)
     masks = torch.zeros(n_images, grid_h, grid_w, dtype=torch.bool)
     for i, count in enumerate(counts):
         masks[i] = masking(count, generator)
@@ -147,3 +149,25 @@ def sample_ibot_masks(
             shift_x = _randint(generator, 0, grid_w - 1)
             masks[i] = torch.roll(masks[i], shifts=(shift_y, shift_x), dims=(0, 1))
     return masks.reshape(n_images, num_patches)
+
+
+def avoid_positions_(
+    masks: torch.Tensor, forbidden: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Move the masked entries of ``masks`` [M, P] that fall on ``forbidden`` [M, P] to random
+    free, allowed positions of the same row, in place: every row keeps its exact count and no
+    longer touches ``forbidden``. Raises if a row has not enough allowed positions."""
+    for i in range(masks.shape[0]):
+        clash = masks[i] & forbidden[i]
+        moved = int(clash.sum())
+        if moved == 0:
+            continue
+        masks[i] &= ~forbidden[i]
+        free = (~masks[i] & ~forbidden[i]).nonzero().flatten()
+        if len(free) < moved:
+            raise ValueError(
+                f"cannot keep {int(masks[i].sum()) + moved} masked patches of {masks.shape[1]} away from "
+                f"{int(forbidden[i].sum())} reserved positions"
+            )
+        masks[i, free[torch.randperm(len(free), generator=generator)[:moved]]] = True
+    return masks

@@ -4,6 +4,11 @@ An item is requested as ``(index, position)`` (from ``ShardedInfiniteSampler``).
 from a generator derived from (seed, rank, position) only, so they do not depend on the DataLoader
 worker that builds them nor on how many workers there are, and a resumed run rebuilds them exactly.
 
+With ``invariance`` (the Crop-Resize / PatchRoll sources, ``data/invariance.py``), a sample also
+holds ``invariance``: the raw (and resize-paste) views of the two sources and their roll offsets,
+each kind drawn from (seed, rank, "views", kind, position). ``invariance_kinds`` says which are built
+(``"raw"`` alone, or with ``"resizepaste"``); the other views do not depend on it.
+
 A file that fails to load (``ImageLoadError``) does not stop training: it goes into the sample's
 ``skipped`` list as "<file> (<reason>)" and a replacement index derived from (seed, rank, position,
 attempt) is tried, up to ``max_retries`` times. The replacement sequence is deterministic, so the
@@ -22,6 +27,8 @@ from torch.utils.data import Dataset
 
 from dino_bridge.data.datasets import ImageSource
 from dino_bridge.data.images import ImageLoadError
+from dino_bridge.data.invariance import InvarianceViews
+from dino_bridge.data.transforms import MultiCropAugmentation, image_to_uint8_tensor
 from dino_bridge.seeding import derive_seed, generator
 
 Transform = Callable[[Image.Image, torch.Generator], dict[str, list[torch.Tensor]]]
@@ -36,6 +43,8 @@ class SSLTrainDataset(Dataset):
         seed: int,
         rank: int,
         max_retries: int = 20,
+        invariance: InvarianceViews | None = None,
+        invariance_kinds: frozenset[str] = frozenset(),
     ) -> None:
         if len(source) == 0:
             raise ValueError("SSLTrainDataset: the image source is empty")
@@ -46,6 +55,15 @@ class SSLTrainDataset(Dataset):
         self.seed = int(seed)
         self.rank = int(rank)
         self.max_retries = int(max_retries)
+        unknown = set(invariance_kinds) - {"raw", "resizepaste"}
+        if unknown or (invariance_kinds and "raw" not in invariance_kinds):
+            raise ValueError(
+                f"invariance_kinds must be {{}}, {{raw}} or {{raw, resizepaste}}, got {set(invariance_kinds)}"
+            )
+        if invariance_kinds and (invariance is None or not isinstance(transform, MultiCropAugmentation)):
+            raise ValueError("invariance views need InvarianceViews and a MultiCropAugmentation transform")
+        self.invariance = invariance
+        self.invariance_kinds = frozenset(invariance_kinds)
         # Indices that failed in this process: not re-read (the outcome is the same), still reported.
         self._known_bad: dict[int, str] = {}  # index -> why it could not be read
 
@@ -75,10 +93,21 @@ class SSLTrainDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, position = int(item[0]), int(item[1])
         image, skipped = self._load_first_readable(index, position)
-        views = self.transform(image, generator(self.seed, self.rank, "views", position))
-        return {
-            "global_crops": views["global_crops"],
-            "local_crops": views["local_crops"],
-            "position": position,
-            "skipped": skipped,
-        }
+        sample: dict[str, Any] = {"position": position, "skipped": skipped}
+        views_generator = generator(self.seed, self.rank, "views", position)
+        if not self.invariance_kinds:
+            views = self.transform(image, views_generator)
+        else:
+            pixels = image_to_uint8_tensor(image)
+            params = self.transform.sample_params(tuple(pixels.shape[-2:]), views_generator)
+            views = self.transform.apply(pixels, params, keep_geometric=True)
+            sample["invariance"] = self.invariance(
+                pixels,
+                params,
+                views["geometric_globals"],
+                lambda kind: generator(self.seed, self.rank, "views", kind, position),
+                resize_paste_views="resizepaste" in self.invariance_kinds,
+            )
+        sample["global_crops"] = views["global_crops"]
+        sample["local_crops"] = views["local_crops"]
+        return sample

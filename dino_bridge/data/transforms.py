@@ -17,6 +17,7 @@ global 2 only, then float [0, 1] and normalisation. Photometric ops run on the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -147,6 +148,45 @@ def apply_color_jitter(image: torch.Tensor, params: ColorJitterParams) -> torch.
     return image
 
 
+@dataclass(frozen=True)
+class PixelOps:
+    """The photometric part of a view: what ``apply_pixel_ops`` does to a uint8 crop."""
+
+    color_jitter: ColorJitterParams | None
+    grayscale: bool
+    blur_sigma: float | None
+    solarize: bool
+
+
+def sample_pixel_ops(
+    generator: torch.Generator, blur_probability: float, solarize_probability: float
+) -> tuple[float, PixelOps]:
+    """(the flip uniform, the photometric draws) of one view: 5 uniforms, then the colour jitter."""
+    unit_flip, unit_gray, unit_blur, unit_sigma, unit_solarize = torch.rand(
+        5, generator=generator, dtype=torch.float64
+    ).tolist()
+    color_jitter = _sample_color_jitter(generator)
+    return unit_flip, PixelOps(
+        color_jitter=color_jitter,
+        grayscale=unit_gray < GRAYSCALE_PROBABILITY,
+        blur_sigma=_uniform(*BLUR_SIGMA_RANGE, unit_sigma) if unit_blur < blur_probability else None,
+        solarize=unit_solarize < solarize_probability,
+    )
+
+
+def apply_pixel_ops(crop: torch.Tensor, ops: PixelOps | ViewParams) -> torch.Tensor:
+    """Colour jitter → grayscale → blur → solarize on a uint8 [3, h, w] crop (uint8 out)."""
+    if ops.color_jitter is not None:
+        crop = apply_color_jitter(crop, ops.color_jitter)
+    if ops.grayscale:
+        crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
+    if ops.blur_sigma is not None:
+        crop = TF.gaussian_blur(crop, [BLUR_KERNEL_SIZE] * 2, [ops.blur_sigma] * 2)
+    if ops.solarize:
+        crop = TF.solarize(crop, SOLARIZE_THRESHOLD_UINT8)
+    return crop
+
+
 def image_to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """An RGB PIL image (or a uint8 [3, H, W] tensor) as a plain uint8 [3, H, W] tensor."""
     if isinstance(image, Image.Image):
@@ -217,21 +257,19 @@ class MultiCropAugmentation:
         shared_jitter: tuple[ColorJitterParams | None, bool] | None,
     ) -> ViewParams:
         box = sample_resized_crop_box(source_size[0], source_size[1], scale, ASPECT_RATIO_RANGE, generator)
-        unit_flip, unit_gray, unit_blur, unit_sigma, unit_solarize = torch.rand(
-            5, generator=generator, dtype=torch.float64
-        ).tolist()
-        color_jitter = _sample_color_jitter(generator)
-        grayscale = unit_gray < GRAYSCALE_PROBABILITY
+        unit_flip, pixel_ops = sample_pixel_ops(generator, blur_probability, solarize_probability)
         if shared_jitter is not None:
-            color_jitter, grayscale = shared_jitter
+            pixel_ops = dataclasses.replace(
+                pixel_ops, color_jitter=shared_jitter[0], grayscale=shared_jitter[1]
+            )
         return ViewParams(
             box=box,
             source=source,
             flip=self.horizontal_flips and unit_flip < FLIP_PROBABILITY,
-            color_jitter=color_jitter,
-            grayscale=grayscale,
-            blur_sigma=_uniform(*BLUR_SIGMA_RANGE, unit_sigma) if unit_blur < blur_probability else None,
-            solarize=unit_solarize < solarize_probability,
+            color_jitter=pixel_ops.color_jitter,
+            grayscale=pixel_ops.grayscale,
+            blur_sigma=pixel_ops.blur_sigma,
+            solarize=pixel_ops.solarize,
         )
 
     def sample_params(self, image_size: tuple[int, int], generator: torch.Generator) -> MultiCropParams:
@@ -289,22 +327,19 @@ class MultiCropAugmentation:
         )
         return TF.horizontal_flip(crop) if view.flip else crop
 
+    def normalize(self, crop: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, h, w] → float32, scaled to [0, 1], then (x − rgb_mean) / rgb_std."""
+        return TF.normalize(TF.to_dtype(crop, torch.float32, scale=True), self.rgb_mean, self.rgb_std)
+
     def _photometric(self, crop: torch.Tensor, view: ViewParams) -> torch.Tensor:
-        if view.color_jitter is not None:
-            crop = apply_color_jitter(crop, view.color_jitter)
-        if view.grayscale:
-            crop = TF.rgb_to_grayscale(crop, num_output_channels=3)
-        if view.blur_sigma is not None:
-            crop = TF.gaussian_blur(crop, [BLUR_KERNEL_SIZE] * 2, [view.blur_sigma] * 2)
-        if view.solarize:
-            crop = TF.solarize(crop, SOLARIZE_THRESHOLD_UINT8)
-        crop = TF.to_dtype(crop, torch.float32, scale=True)
-        return TF.normalize(crop, self.rgb_mean, self.rgb_std)
+        return self.normalize(apply_pixel_ops(crop, view))
 
     def apply(
-        self, image: Image.Image | torch.Tensor, params: MultiCropParams
+        self, image: Image.Image | torch.Tensor, params: MultiCropParams, *, keep_geometric: bool = False
     ) -> dict[str, list[torch.Tensor]]:
-        """Execute ``params`` on ``image``: {"global_crops": 2 × [3, G, G], "local_crops": n × [3, L, L]}."""
+        """Execute ``params`` on ``image``: {"global_crops": 2 × [3, G, G], "local_crops": n × [3, L, L]}
+        (normalised float32); with ``keep_geometric`` also "geometric_globals": the two global crops
+        after crop + flip only (uint8), from which the invariance sources are built."""
         pixels = image_to_uint8_tensor(image)
         geometric_globals = [
             self._geometric(pixels, view, self.global_crops_size) for view in params.global_views
@@ -316,7 +351,10 @@ class MultiCropAugmentation:
         for view in params.local_views:
             source = pixels if view.source == FULL_IMAGE else geometric_globals[view.source]
             local_crops.append(self._photometric(self._geometric(source, view, self.local_crops_size), view))
-        return {"global_crops": global_crops, "local_crops": local_crops}
+        out = {"global_crops": global_crops, "local_crops": local_crops}
+        if keep_geometric:
+            out["geometric_globals"] = geometric_globals
+        return out
 
     def __call__(
         self, image: Image.Image | torch.Tensor, generator: torch.Generator

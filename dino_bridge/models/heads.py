@@ -5,6 +5,11 @@ D_b bottleneck width, K prototypes.
 
     z = normalize(mlp(x))          # [N, D_b], unit L2 norm
     logits = last_layer(z)         # [N, K], bias-free Linear
+
+``forward(x, frozen=True)`` computes the same logits with the head's parameters detached: the
+gradient reaches ``x`` but not the head (the bridge trains through the student head this way). No
+``requires_grad`` is toggled, so it is correct under FSDP2 (the detached tensors are the gathered
+parameters of this call) and under ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -54,16 +59,30 @@ class DINOHead(nn.Module):
             if isinstance(module, nn.Linear):
                 init_linear(module)
 
-    def forward_mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_mlp(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """[N, D] → L2-normalised bottleneck [N, D_b] (eps 1e-6 in fp16, else 1e-12)."""
-        z = self.mlp(x)
+        z = _frozen_forward(self.mlp, x) if frozen else self.mlp(x)
         eps = 1e-6 if z.dtype == torch.float16 else 1e-12
         return F.normalize(z, p=2, dim=-1, eps=eps)
 
-    def forward_prototypes(self, z: torch.Tensor) -> torch.Tensor:
+    def forward_prototypes(self, z: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """[N, D_b] → logits [N, K]."""
-        return self.last_layer(z)
+        return _frozen_forward(self.last_layer, z) if frozen else self.last_layer(z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, D] → logits [N, K]."""
-        return self.forward_prototypes(self.forward_mlp(x))
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """[N, D] → logits [N, K]; ``frozen``: no gradient into the head's parameters."""
+        return self.forward_prototypes(self.forward_mlp(x, frozen), frozen)
+
+
+def _frozen_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a Linear or a Sequential of Linears and GELUs, with detached parameters."""
+    if isinstance(module, nn.Linear):
+        bias = None if module.bias is None else module.bias.detach()
+        return F.linear(x, module.weight.detach(), bias)
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            x = _frozen_forward(layer, x)
+        return x
+    if isinstance(module, nn.GELU):
+        return module(x)
+    raise TypeError(f"no frozen forward for {type(module).__name__}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..distributed import dist
 
 TRAINER_STATE = "trainer_state.pt"
+logger = logging.getLogger("dino_bridge")
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:
@@ -165,6 +167,17 @@ def save_checkpoint(
     return final
 
 
+# Student parts that a checkpoint may lack because it was written before they existed (the bridge:
+# every checkpoint of a run whose bridge weights were 0 throughout, e.g. before this code).
+OPTIONAL_PARTS = ("bridge",)
+
+
+def saved_keys(path: str | os.PathLike) -> set[str]:
+    """The flattened keys stored in a checkpoint's DCP folder (``student.backbone.cls_token``,
+    ``optimizer.state.<fqn>.exp_avg``, …)."""
+    return set(dcp.FileSystemReader(str(Path(path) / "dcp")).read_metadata().state_dict_metadata)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -172,18 +185,54 @@ def load_checkpoint(
     teacher: nn.Module,
     optimizer: torch.optim.Optimizer | None,
 ) -> dict:
-    """Load models (and optimizer) in place from one checkpoint; returns the trainer state."""
+    """Load models (and optimizer) in place from one checkpoint; returns the trainer state.
+
+    A student part of ``OPTIONAL_PARTS`` missing from the checkpoint keeps its (seeded) initial
+    values, and a parameter without optimizer state in the checkpoint (one that had never been
+    updated) keeps none, exactly as in the run that wrote it; each is logged once. Any other
+    missing key is an error. The optimizer's param groups (lr, betas, weight decay …) come from the
+    current config, not the checkpoint: the schedules set them every step.
+    """
     path = Path(path)
+    saved = saved_keys(path)
     state = {"student": get_model_state_dict(student), "teacher": get_model_state_dict(teacher)}
+    fresh = sorted(k for k in state["student"] if f"student.{k}" not in saved)
+    missing = [k for k in fresh if k.split(".")[0] not in OPTIONAL_PARTS]
+    missing += [f"teacher.{k}" for k in state["teacher"] if f"teacher.{k}" not in saved]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} model tensors, e.g. {missing[:5]}")
+    for key in fresh:
+        del state["student"][key]
+    parts = sorted({k.split(".")[0] for k in fresh})
+    if parts:
+        logger.info("%s has no %s: starting from its initialisation", path, " or ".join(parts))
+    unused = sorted(
+        {k.split(".")[1] for k in saved if k.startswith("student.")}
+        - {k.split(".")[0] for k in student.state_dict()}
+    )
+    if unused:
+        logger.info("%s holds %s, which this run does not have: not loaded", path, ", ".join(unused))
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(student, optimizer)
+        optim_state = get_optimizer_state_dict(student, optimizer)
+        param_groups = optim_state.pop("param_groups")
+        never_stepped = [fqn for fqn in optim_state["state"] if f"optimizer.state.{fqn}.step" not in saved]
+        for fqn in never_stepped:
+            del optim_state["state"][fqn]
+        state["optimizer"] = optim_state
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path / "dcp"))
-    set_model_state_dict(student, state["student"])
+    set_model_state_dict(student, state["student"], options=StateDictOptions(strict=False))
     set_model_state_dict(teacher, state["teacher"])
     if optimizer is not None:
-        set_optimizer_state_dict(student, optimizer, state["optimizer"])
+        set_optimizer_state_dict(student, optimizer, {**state["optimizer"], "param_groups": param_groups})
+        for fqn in never_stepped:  # ``get_optimizer_state_dict`` filled every state; undo it for these
+            _drop_state(student, optimizer, fqn)
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+
+
+def _drop_state(model: nn.Module, optimizer: torch.optim.Optimizer, fqn: str) -> None:
+    param = model.get_parameter(fqn)
+    optimizer.state.pop(param, None)
 
 
 def backbone_weights_file(path: str | os.PathLike, which: str = "teacher") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from ..config.features import end_iteration, find_problems, superseded_notes
+from ..config.features import end_iteration, superseded_notes
 from ..distributed.device import detect_device_type, launch_env
 from . import build
 from .schedules import lr_scale
@@ -20,7 +20,7 @@ def dry_run_report(cfg: DictConfig) -> dict:
     global_batch = build.global_batch_size(cfg, world_size)
     scale = lr_scale(str(cfg.optim.scaling_rule), global_batch)
     device_type, note = detect_device_type(str(cfg.MODEL.DEVICE))
-    problems = find_problems(cfg)
+    problems = build.config_problems(cfg)
     param_counts = {f"student.{k}": v for k, v in build.count_parameters(student).items()}
     param_counts.update({f"teacher.{k}": v for k, v in build.count_parameters(teacher).items()})
     return {
@@ -42,7 +42,6 @@ def dry_run_report(cfg: DictConfig) -> dict:
         "teacher_targets": build.assigner_kind(cfg),
         "device": device_type,
         "device_note": note,
-        "not_available_yet": [str(p) for p in problems if p.not_available_yet],
-        "unsupported": [str(p) for p in problems if not p.not_available_yet],
+        "problems": [str(p) for p in problems],
         "notes": superseded_notes(cfg),
     }

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ..config import ConfigError, save_config
-from ..config.features import end_iteration, find_problems, superseded_notes
+from ..config.features import end_iteration, superseded_notes
 from ..distributed import dist
 from ..distributed.data_parallel import average_gradients_, broadcast_parameters_
 from ..distributed.device import Runtime
@@ -41,7 +41,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .ema import copy_student_to_teacher_, ema_update_
-from .meta_arch import LOSS_TERMS, SSLMetaArch
+from .feed import BatchFeed
+from .meta_arch import SSLMetaArch
 from .metrics import MetricsFile, StepTimer, format_record, peak_memory_mb, progress_bar, setup_logging
 from .optim import apply_schedules
 from .signals import GracefulStop
@@ -98,8 +99,8 @@ def build_run(cfg: DictConfig, runtime: Runtime, output_dir: Path) -> TrainingRu
     teacher.to_empty(device=device)
     build.init_model_parts_(student, int(cfg.train.seed))
     copy_student_to_teacher_(teacher, student)
-    dino_assigner, ibot_assigner = build.build_assigners(cfg)
-    meta = SSLMetaArch(student, teacher, dino_assigner, ibot_assigner, build.loss_settings(cfg))
+    streams = build.build_streams(cfg)
+    meta = SSLMetaArch(student, teacher, streams, build.build_assigners(cfg, streams))
     meta.assigners.to(device)
     return TrainingRun(
         cfg=cfg,
@@ -126,9 +127,9 @@ def _log_notes(cfg: DictConfig) -> None:
 
 
 # ------------------------------------------------------------------------------ the stages
-def teacher_targets(run: TrainingRun, batch: dict, teacher_temp: float) -> dict:
+def teacher_targets(run: TrainingRun, ctx) -> None:
     with _autocast(run):
-        return run.meta.teacher_targets(batch, teacher_temp)
+        run.meta.teacher_targets(ctx)
 
 
 def clip_gradients(run: TrainingRun) -> dict[str, float]:
@@ -148,7 +149,9 @@ def clip_gradients(run: TrainingRun) -> dict[str, float]:
 @dataclass
 class StepResult:
     total: torch.Tensor  # detached
-    terms: dict[str, torch.Tensor]  # unweighted loss terms (detached)
+    terms: dict[str, torch.Tensor]  # unweighted loss terms that ran (detached)
+    weights: dict[str, float]  # every declared term's weight in the total (0: off or gated)
+    metrics: dict[str, torch.Tensor]  # other scalars of the step (e.g. aligned PatchRoll tokens)
     grad_norms: dict[str, float]  # per part, before clipping
     schedule: dict[str, float]  # lr, last_layer_lr, wd, mom, teacher_temp of this iteration
     skipped: bool  # non-finite on some rank: no update happened
@@ -156,6 +159,12 @@ class StepResult:
 
 def _no_stage(name: str) -> None:
     return None
+
+
+def _collect_entropy(run: TrainingRun, enabled: bool) -> None:
+    for assigner in run.meta.assigners.values():
+        if hasattr(assigner, "collect_target_entropy"):
+            assigner.collect_target_entropy = enabled
 
 
 def train_step(
@@ -166,17 +175,17 @@ def train_step(
     torch.manual_seed(derive_seed(int(run.cfg.train.seed), run.runtime.rank, "step", it))
     sched = run.schedules.at(it)
     apply_schedules(run.optimizer, sched["lr"], sched["last_layer_lr"], sched["wd"])
-    snapshots = {name: a.snapshot() for name, a in run.meta.assigners.items()}
-    for assigner in run.meta.assigners.values():
-        if hasattr(assigner, "collect_target_entropy"):
-            assigner.collect_target_entropy = log_diagnostics
+    plan = run.meta.plan(it)
+    snapshots = {name: run.meta.assigners[name].snapshot() for name in plan.assigners}
+    _collect_entropy(run, log_diagnostics)
+    ctx = run.meta.context(batch, plan, sched["teacher_temp"])
     stage("prepare")
-    targets = teacher_targets(run, batch, sched["teacher_temp"])
+    teacher_targets(run, ctx)
     stage("teacher forward + targets")
     with _autocast(run):
-        outputs = run.meta.student_outputs(batch)
+        run.meta.student_outputs(ctx)
         stage("student forward")
-        total, terms = run.meta.compute_losses(outputs, targets, batch)
+        total, terms, weights = run.meta.compute_losses(ctx)
     stage("losses")
     total.backward()
     stage("backward")
@@ -187,8 +196,8 @@ def train_step(
     skipped = dist.any_rank(not finite, run.runtime.device)
     stage("gradient sync + clip")
     if skipped:  # leave no trace: no update, teacher-target state as before the step
-        for name, assigner in run.meta.assigners.items():
-            assigner.restore(snapshots[name])
+        for name, record in snapshots.items():
+            run.meta.assigners[name].restore(record)
         run.optimizer.zero_grad(set_to_none=True)
     else:
         run.optimizer.step()
@@ -197,21 +206,23 @@ def train_step(
         ema_update_(run.teacher, run.student, sched["mom"])
         stage("EMA")
     terms = {k: v.detach() for k, v in terms.items()}
-    return StepResult(total.detach(), terms, grad_norms, sched, skipped)
+    return StepResult(total.detach(), terms, weights, ctx.metrics, grad_norms, sched, skipped)
 
 
-def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
-    """Fill every DTCH window with no-grad teacher passes; returns the number of batches used."""
-    windows = {name: a for name, a in run.meta.assigners.items() if hasattr(a, "history_full")}
+def warmup_history(run: TrainingRun, feed: BatchFeed, start_iteration: int) -> int:
+    """Fill the DTCH windows that the first step calls with no-grad teacher passes (that step's
+    plan: other assigners start empty when their stream switches on); returns the batches used."""
+    plan = run.meta.plan(start_iteration)
+    called = {name: run.meta.assigners[name] for name in plan.assigners}
+    windows = {name: a for name, a in called.items() if hasattr(a, "history_full")}
     if not windows:
         return 0
     temperature = run.schedules.at(start_iteration)["teacher_temp"]
-    for assigner in windows.values():
-        assigner.collect_target_entropy = False  # nothing is logged during the warm-up
+    _collect_entropy(run, False)  # nothing is logged during the warm-up
     used, bar = 0, None
     while not (used and all(a.history_full for a in windows.values())):
-        batch = build.move_batch(next(batches), run.runtime.device)
-        teacher_targets(run, batch, temperature)
+        batch = build.move_batch(feed.next(), run.runtime.device)
+        teacher_targets(run, run.meta.context(batch, plan, temperature))
         used += 1
         if used == 1:
             sizes = ", ".join(f"{name}: {a.capacity}" for name, a in windows.items())
@@ -224,17 +235,17 @@ def warmup_history(run: TrainingRun, batches, start_iteration: int) -> int:
     return used
 
 
-def _reduced_record(run: TrainingRun, it: int, terms: dict, total: torch.Tensor, extra: dict) -> dict:
+def _reduced_record(run: TrainingRun, it: int, step: StepResult, extra: dict) -> dict:
+    """Terms, total and step metrics averaged over ranks (every rank has the same keys: what runs
+    depends on the iteration only), plus every declared term's weight by the naming rule."""
     device = run.runtime.device
-    values = torch.stack([terms[k].detach().float() for k in LOSS_TERMS] + [total.detach().float()]).to(
-        device
-    )
-    dist.all_reduce_(values, op="mean")
-    record = {"iteration": it}
-    for key, value in zip((*LOSS_TERMS, "total_loss"), values.tolist()):
-        record[key] = value
-    for key, weight in run.meta.weights.items():
-        record[f"{key}_weight"] = weight
+    names = [*step.terms, "total_loss", *step.metrics]
+    values = [*step.terms.values(), step.total, *step.metrics.values()]
+    stacked = torch.stack([v.detach().float().to(device).reshape(()) for v in values])
+    dist.all_reduce_(stacked, op="mean")
+    record = {"iteration": it, **dict(zip(names, stacked.tolist()))}
+    for name, weight in step.weights.items():
+        record[f"{name}_weight"] = weight
     record.update(extra)
     return record
 
@@ -255,9 +266,7 @@ def train(
         logger.info(runtime.note)
 
     run_start = _resume_source(output_dir, checkpoint_dir, resume)
-    problems = find_problems(cfg)
-    if problems:
-        raise ConfigError("this config cannot run yet:\n  - " + "\n  - ".join(map(str, problems)))
+    build.check_config(cfg)
     _log_notes(cfg)
     cfg.train.output_dir = str(output_dir)
     if runtime.is_main:
@@ -266,14 +275,12 @@ def train(
     run = build_run(cfg, runtime, output_dir)
     kind = build.assigner_kind(cfg)
     logger.info("teacher targets: %s for the DINO CLS and the iBOT patch targets", kind)
-    batch_size = int(cfg.train.batch_size_per_gpu)
     start_iter, warmup_batches = 0, 0
     if run_start is not None:
         logger.info("resuming from %s", run_start)
         state = load_checkpoint(run_start, student=run.student, teacher=run.teacher, optimizer=run.optimizer)
         start_iter, warmup_batches = int(state["iteration"]), int(state["warmup_batches"])
-        for name, assigner in run.meta.assigners.items():
-            assigner.load_state_dict(state["assigners"][name])
+        _load_assigners(run, state["assigners"])
         if state["world_size"] != runtime.world_size:
             logger.warning(
                 "resuming a checkpoint written by %d processes on %d: models, optimizer and teacher-target"
@@ -291,21 +298,13 @@ def train(
             broadcast_parameters_(run.meta.student)  # equal already (seeded init); guards against drift
             broadcast_parameters_(run.meta.teacher)
 
-    source = build.build_train_source(cfg)
-    position = (start_iter + warmup_batches) * batch_size
-    loader = build.build_loader(
-        cfg,
-        source,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        start_position=position,
-        pin_memory=runtime.device.type == "cuda",
-    )
-    batches = iter(loader)
+    feed = BatchFeed(run, build.build_train_source(cfg), run.end_iter)
+    feed.warmup_batches = warmup_batches
+    feed.start(start_iter)
     if run_start is None and kind == "dtch" and cfg.dtch.warmup_history:
-        warmup_batches = warmup_history(run, batches, start_iter)
+        warmup_batches = feed.warmup_batches = warmup_history(run, feed, start_iter)
 
-    summary = _loop(run, batches, start_iter, warmup_batches)
+    summary = _loop(run, feed, start_iter, warmup_batches)
     summary["param_checksums"] = _gather_checksums(run)
     if len(set(summary["param_checksums"])) > 1:
         logger.error("the ranks' parameters differ at the end: %s", summary["param_checksums"])
@@ -315,6 +314,16 @@ def train(
     # that exited while rank 0 was still writing occasionally aborted at exit (SIGABRT).
     dist.barrier()
     return summary
+
+
+def _load_assigners(run: TrainingRun, states: dict) -> None:
+    """Restore each assigner's state; one without a state in the checkpoint (written before its
+    stream existed or was on) starts empty, with one log line."""
+    for name, assigner in run.meta.assigners.items():
+        if name in states:
+            assigner.load_state_dict(states[name])
+        else:
+            logger.info("teacher targets %s: no state in the checkpoint, starting empty", name)
 
 
 def _initialise_from_pretrained(run: TrainingRun) -> None:
@@ -358,7 +367,7 @@ def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -
     return None
 
 
-def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> dict:
+def _loop(run: TrainingRun, feed: BatchFeed, start_iter: int, warmup_batches: int) -> dict:
     cfg, runtime = run.cfg, run.runtime
     log_period, period = max(1, int(cfg.train.log_period)), int(cfg.checkpointing.period)
     metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
@@ -368,7 +377,7 @@ def _loop(run: TrainingRun, batches, start_iter: int, warmup_batches: int) -> di
     with GracefulStop() as stop:
         for it in range(start_iter, run.end_iter):
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = feed.next(it)
             timer.add_data_wait(time.perf_counter() - t0)
             skipped.note(batch.get("skipped", []))
             logs_now = (it + 1) % log_period == 0 or it + 1 == run.end_iter or it == start_iter
@@ -450,10 +459,10 @@ def _log_record(run: TrainingRun, it: int, step: StepResult, timer: StepTimer, s
         "skipped_step": step.skipped,
     }
     kind = build.assigner_kind(run.cfg)
-    for name, assigner in run.meta.assigners.items():
-        for key, value in assigner.diagnostics().items():
+    for name in run.meta.plan(it).assigners:  # the instances this step called
+        for key, value in run.meta.assigners[name].diagnostics().items():
             extra[f"{kind}/{name}/{key}"] = value
-    return _reduced_record(run, it, step.terms, step.total, extra)
+    return _reduced_record(run, it, step, extra)
 
 
 def _save(run: TrainingRun, iteration: int, warmup_batches: int) -> Path:

@@ -3,7 +3,9 @@
 Shape of every schedule (METHOD §6): a linear warm-up from ``start`` to ``peak`` over the warm-up
 iterations (end point excluded), then a cosine from ``peak`` to ``end`` (both end points included)
 over ``cosine`` iterations (default: the rest of training), then ``end`` for any remainder.
-Auxiliary loss weights first stay at ``start`` for ``zero_epochs``.
+Loss-weight factors (``loss_weight_factor``) are a constant or such a schedule that first stays at
+``start`` for ``zero_epochs``; a term's effective weight is the product of its factors
+(``train/terms.py``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ def aux_weight_spec(value) -> ScheduleSpec:
         cosine_epochs=None if fields.get("cosine_epochs") is None else float(fields["cosine_epochs"]),
         zero_epochs=float(fields.get("zero_epochs", 0.0)),
     )
+
+
+def loss_weight_factor(value, epoch_length: int, total_iters: int) -> float | np.ndarray:
+    """A number stays a constant; a mapping {start, peak, end, zero_epochs, …} becomes one value per
+    iteration over ``total_iters`` (at iteration ``zero_epochs · epoch_length`` it is still ``start``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return build_schedule(aux_weight_spec(value), epoch_length, total_iters)
 
 
 @dataclass

@@ -104,18 +104,21 @@ def _collate(**overrides):
 def test_collate_layout_masks_and_weights():
     batch = _collate()([_fake_sample(p) for p in (4, 5, 6, 7)])
     num_patches = (G // PATCH) ** 2
-    assert batch["global_crops"].shape == (8, 3, G, G) and batch["local_crops"].shape == (12, 3, L, L)
+    views = batch["views"]
+    assert views["global"].shape == (8, 3, G, G) and views["local"].shape == (12, 3, L, L)
     # crop-major: every image's crop 1, then every image's crop 2
-    assert [t[0, 0, 0].item() for t in batch["global_crops"]] == [40, 50, 60, 70, 41, 51, 61, 71]
-    assert [t[0, 0, 0].item() for t in batch["local_crops"][:5]] == [40, 50, 60, 70, 41]
-    masks = batch["masks"]
+    assert [t[0, 0, 0].item() for t in views["global"]] == [40, 50, 60, 70, 41, 51, 61, 71]
+    assert [t[0, 0, 0].item() for t in views["local"][:5]] == [40, 50, 60, 70, 41]
+    ibot = batch["masks"]["global"]
+    masks = ibot.masks
     assert masks.shape == (8, num_patches) and masks.dtype == torch.bool
     assert int((masks.sum(1) > 0).sum()) == 4  # ⌊8 · 0.5⌋ masked global crops
-    assert torch.equal(batch["mask_indices"], masks.flatten().nonzero().flatten())
-    assert batch["n_masked_patches"] == int(masks.sum()) == len(batch["masks_weight"])
-    torch.testing.assert_close(batch["masks_weight"].sum(), torch.tensor(4.0))
-    owner = batch["mask_indices"] // num_patches
-    torch.testing.assert_close(batch["masks_weight"], 1.0 / masks.sum(1)[owner].float())
+    assert torch.equal(ibot.indices, masks.flatten().nonzero().flatten())
+    assert ibot.count == int(masks.sum()) == len(ibot.weights)
+    torch.testing.assert_close(ibot.weights.sum(), torch.tensor(4.0))
+    owner = ibot.indices // num_patches
+    torch.testing.assert_close(ibot.weights, 1.0 / masks.sum(1)[owner].float())
+    assert set(batch) == {"views", "masks", "positions", "skipped", "batch_size"}  # no invariance views
     assert batch["positions"].tolist() == [4, 5, 6, 7] and batch["batch_size"] == 4
     assert batch["skipped"] == []
 
@@ -123,11 +126,12 @@ def test_collate_layout_masks_and_weights():
 def test_collate_determinism_dtype_and_no_locals():
     samples = [_fake_sample(p, local_crops_number=0) for p in (0, 1)]
     first, again = _collate()(samples), _collate()(samples)
-    assert torch.equal(first["masks"], again["masks"]) and first["local_crops"] is None
+    assert torch.equal(first["masks"]["global"].masks, again["masks"]["global"].masks)
+    assert "local" not in first["views"]
     assert first["skipped"] == ["bad1"]
-    other_rank = [_collate(rank=r)(samples)["masks"] for r in range(1, 6)]
-    assert any(not torch.equal(first["masks"], m) for m in other_rank)
-    assert _collate(dtype=torch.bfloat16)(samples)["global_crops"].dtype == torch.bfloat16
+    other_rank = [_collate(rank=r)(samples)["masks"]["global"].masks for r in range(1, 6)]
+    assert any(not torch.equal(first["masks"]["global"].masks, m) for m in other_rank)
+    assert _collate(dtype=torch.bfloat16)(samples)["views"]["global"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="patch_size"):
         _collate(patch_size=5)(samples)
 
@@ -148,8 +152,10 @@ def test_loader_batches_do_not_depend_on_num_workers(tmp_path):
     in_process, with_workers = _batches(dataset, 0), _batches(dataset, 2)
     for a, b in zip(in_process, with_workers):
         assert a.keys() == b.keys()
-        for key in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "positions"):
-            assert torch.equal(a[key], b[key]), key
-        assert a["skipped"] == b["skipped"] and a["n_masked_patches"] == b["n_masked_patches"]
+        for kind in ("global", "local"):
+            assert torch.equal(a["views"][kind], b["views"][kind]), kind
+        for x, y in zip(a["masks"]["global"], b["masks"]["global"]):
+            assert torch.equal(x, y)
+        assert torch.equal(a["positions"], b["positions"]) and a["skipped"] == b["skipped"]
     assert [b["positions"].tolist() for b in in_process] == [[0, 1], [2, 3], [4, 5]]
     assert any(batch["skipped"] for batch in in_process)  # the broken file came up and was replaced

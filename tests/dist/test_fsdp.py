@@ -25,10 +25,10 @@ def _train_rank(rank, world, images, out, overrides, checkpoint_dir=None, poison
     if poison is not None and poison[0] == rank:
         original, calls = SSLMetaArch.compute_losses, {"n": 0}
 
-        def poisoned(self, student, targets, batch):
-            total, terms = original(self, student, targets, batch)
+        def poisoned(self, ctx):
+            total, terms, weights = original(self, ctx)
             calls["n"] += 1
-            return (total * float("nan") if calls["n"] == poison[1] else total), terms
+            return (total * float("nan") if calls["n"] == poison[1] else total), terms, weights
 
         SSLMetaArch.compute_losses = poisoned
     runtime = Runtime(torch.device("cpu"), "gloo", rank, world, rank)

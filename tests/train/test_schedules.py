@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 
 from dino_bridge.config import load_config
-from dino_bridge.config.features import aux_weight_schedules
 from dino_bridge.train.build import build_schedules
-from dino_bridge.train.schedules import ScheduleSpec, build_schedule, lr_scale, warmup_cosine
+from dino_bridge.train.schedules import (
+    ScheduleSpec,
+    build_schedule,
+    loss_weight_factor,
+    lr_scale,
+    warmup_cosine,
+)
 from tests.helpers import SEED_YAML
 
 
@@ -52,8 +57,12 @@ def test_seed_schedules_at_the_seed_scale():
 
 
 def test_aux_weights_stay_zero_for_zero_epochs_then_ramp():
-    weights = aux_weight_schedules(load_config(SEED_YAML, []))
-    rp = weights["resize_paste_loss_weight"]
+    cfg = load_config(SEED_YAML, [])
+    rp = loss_weight_factor(cfg.resize_shuffle_augmentor.resize_paste_loss_weight, 1000, 1_000_000)
     assert rp[50_000] == 0.0 and rp[50_001] == pytest.approx(0.5 / 50_000)
     assert rp[100_000] == pytest.approx(0.5) and rp[-1] == pytest.approx(0.5)
     assert np.all(rp[:50_001] == 0)
+
+
+def test_a_number_stays_a_constant_factor():
+    assert loss_weight_factor(0.25, 10, 100) == 0.25

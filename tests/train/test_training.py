@@ -238,12 +238,12 @@ def test_non_finite_step_is_skipped_without_a_trace(images, tmp_path, monkeypatc
     original = SSLMetaArch.compute_losses
     calls = {"n": 0}
 
-    def poisoned(self, student, targets, batch):
-        total, terms = original(self, student, targets, batch)
+    def poisoned(self, ctx):
+        total, terms, weights = original(self, ctx)
         calls["n"] += 1
         if calls["n"] == 4:  # the last of 4 iterations
             total = total * float("nan")
-        return total, terms
+        return total, terms, weights
 
     monkeypatch.setattr(SSLMetaArch, "compute_losses", poisoned)
     run_training(tiny_config(images, iterations=4, period=3), tmp_path / "run")
@@ -275,9 +275,9 @@ def _equal(a, b) -> bool:
 def test_too_many_non_finite_steps_stop_with_a_clear_message(images, tmp_path, monkeypatch):
     original = SSLMetaArch.compute_losses
 
-    def always_nan(self, student, targets, batch):
-        total, terms = original(self, student, targets, batch)
-        return total * float("nan"), terms
+    def always_nan(self, ctx):
+        total, terms, weights = original(self, ctx)
+        return total * float("nan"), terms, weights
 
     monkeypatch.setattr(SSLMetaArch, "compute_losses", always_nan)
     with pytest.raises(loop_module.NonFiniteLossError, match=r"iteration 2: 3 consecutive non-finite steps"):
