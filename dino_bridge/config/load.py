@@ -31,6 +31,7 @@ AUX_WEIGHT_KEYS = (
     "bridge_global_weight",
 )
 
+
 class ConfigError(ValueError):
     """A problem in the user's config, with the offending key in the message."""
 
