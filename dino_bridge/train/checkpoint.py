@@ -318,7 +318,7 @@ def save_checkpoint(
         if dist.is_main_process():
             try:
                 write()
-            except (OSError, SafetensorError) as e:
+            except (OSError, SafetensorError, RuntimeError) as e:  # torch.save: RuntimeError on ENOSPC
                 error = _first_line(e)
         error = dist.broadcast_object(error)
         if error is not None:
@@ -389,6 +389,8 @@ def _write_failed(tmp: Path, iteration: int, root: Path, error: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     latest = find_latest_checkpoint(root)
+    with contextlib.suppress(OSError):
+        error += f" ({shutil.disk_usage(root).free / 2**20:.0f} MiB free there)"
     raise CheckpointWriteError(
         f"checkpoint {iteration} could not be written to {root}: {error}; its partial files were removed,"
         f" the earlier checkpoints are intact (latest: {latest if latest else 'none'})"

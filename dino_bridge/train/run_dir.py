@@ -20,6 +20,7 @@ Rank 0 moves and writes; every rank gets the same answers (one broadcast per dec
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -166,10 +167,11 @@ def _output_dir_problem(output_dir: Path) -> str | None:
 
 
 def run_files(output_dir: Path) -> list[Path]:
-    """The files and folders of a run in ``output_dir`` (empty: it holds no run)."""
+    """The files and folders of a run in ``output_dir`` (empty: it holds no run). An empty
+    folder is nothing to keep (``ckpt/`` may be a mount point made for the run)."""
     found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
     found += sorted(output_dir.glob("config.*.yaml"))
-    return found
+    return [p for p in found if not (p.is_dir() and not any(p.iterdir()))]
 
 
 def _new_previous_dir(output_dir: Path) -> Path:
@@ -181,44 +183,68 @@ def _new_previous_dir(output_dir: Path) -> Path:
     return target
 
 
+def _move(path: Path, target: Path) -> None:
+    try:
+        os.replace(path, target)
+    except OSError as e:
+        if e.errno != errno.EXDEV:  # e.g. a mount point: it cannot be moved
+            raise
+        shutil.move(path, target)  # another file system: copy, then remove the original
+
+
+def _on_main(work: Callable[[], str | None]) -> str | None:
+    """Run ``work`` on rank 0; every rank gets its note, or the ``ConfigError`` it raised."""
+    note, error = None, None
+    if dist.is_main_process():
+        try:
+            note = work()
+        except OSError as e:
+            error = f"cannot move the earlier run aside ({e.strerror or e}: {e.filename}); move it yourself"
+    note, error = dist.broadcast_object((note, error))
+    dist.barrier()
+    if error is not None:
+        raise ConfigError(error)
+    return note
+
+
 def move_run_aside(output_dir: Path, why: str) -> str | None:
     """Move the run in ``output_dir`` into ``previous/<time stamp>/`` (rank 0); returns the log line."""
-    note = None
-    if dist.is_main_process():
+
+    def work() -> str | None:
         files = run_files(output_dir)
-        if files:
-            target = _new_previous_dir(output_dir)
-            for path in files:
-                os.replace(path, target / path.name)
-            names = ", ".join(p.name + ("/" if (target / p.name).is_dir() else "") for p in files)
-            note = f"{why}: moved the earlier run's files ({names}) to {target.relative_to(output_dir)}/"
-    note = dist.broadcast_object(note)
-    dist.barrier()
-    return note
+        if not files:
+            return None
+        target = _new_previous_dir(output_dir)
+        for path in files:
+            _move(path, target / path.name)
+        names = ", ".join(p.name + ("/" if (target / p.name).is_dir() else "") for p in files)
+        return f"{why}: moved the earlier run's files ({names}) to {target.relative_to(output_dir)}/"
+
+    return _on_main(work)
 
 
 def move_newer_checkpoints_aside(output_dir: Path, iteration: int) -> str | None:
     """Resuming this run from an older checkpoint: the newer ones (and the metrics as they were)
     go to ``previous/<time stamp>/``, so that a later rerun resumes from the new branch only."""
-    note = None
-    if dist.is_main_process():
+
+    def work() -> str | None:
         newer = [p for p in numbered_checkpoints(checkpoint_root(output_dir)) if int(p.name) > iteration]
-        if newer:
-            target = _new_previous_dir(output_dir)
-            (target / "ckpt").mkdir()
-            for path in newer:
-                os.replace(path, target / "ckpt" / path.name)
-            for name in ("metrics.jsonl", "config.yaml"):
-                if (output_dir / name).is_file():
-                    shutil.copy2(output_dir / name, target / name)
-            names = ", ".join(f"ckpt/{p.name}" for p in newer)
-            note = (
-                f"resuming from iteration {iteration}: moved the newer checkpoints ({names}) and a copy of"
-                f" metrics.jsonl to {target.relative_to(output_dir)}/"
-            )
-    note = dist.broadcast_object(note)
-    dist.barrier()
-    return note
+        if not newer:
+            return None
+        target = _new_previous_dir(output_dir)
+        (target / "ckpt").mkdir()
+        for path in newer:
+            _move(path, target / "ckpt" / path.name)
+        for name in ("metrics.jsonl", "config.yaml"):
+            if (output_dir / name).is_file():
+                shutil.copy2(output_dir / name, target / name)
+        names = ", ".join(f"ckpt/{p.name}" for p in newer)
+        return (
+            f"resuming from iteration {iteration}: moved the newer checkpoints ({names}) and a copy of"
+            f" metrics.jsonl to {target.relative_to(output_dir)}/"
+        )
+
+    return _on_main(work)
 
 
 def _explicit_checkpoint(checkpoint_dir: str) -> Path:
