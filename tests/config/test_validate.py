@@ -234,20 +234,7 @@ def test_every_numeric_key_has_a_rule_and_every_rule_a_key():
     assert not stale, f"config/validate.py has rules for keys the schema lacks: {stale}"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dino_bridge.train", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-    )
-
-
-@pytest.mark.parametrize(
-    "case", ["negative-lr", "period-zero", "malformed-yaml", "output-dir-is-a-file", "output-dir-uncreatable"]
-)
-def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, case):
+def _cases(tmp_path):
     smoke = str(CONFIGS / "smoke_cpu.yaml")
     out_dir = tmp_path / "run"
     blocker = tmp_path / "a_file"
@@ -255,17 +242,44 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, case):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train:\n  seed: [1, 2\n")
     train = ["--config-file", smoke, "--output-dir"]
-    args, key = {
+    return out_dir, {
         "negative-lr": ([*train, str(out_dir), "schedules.lr.peak=-1"], "schedules.lr.peak"),
         "period-zero": ([*train, str(out_dir), "checkpointing.period=0"], "checkpointing.period"),
         "malformed-yaml": (["--config-file", str(bad_yaml), "--output-dir", str(out_dir)], str(bad_yaml)),
         "output-dir-is-a-file": ([*train, str(blocker)], str(blocker)),
         "output-dir-uncreatable": ([*train, str(blocker / "run")], str(blocker / "run")),
-    }[case]
-    out = _cli(*args)
+    }
+
+
+def _one_error_line(stderr: str, key: str) -> None:
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and key in errors[0], stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["negative-lr", "malformed-yaml", "output-dir-is-a-file"])
+def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path, case):
+    out_dir, cases = _cases(tmp_path)
+    args, key = cases[case]
+    out = subprocess.run(
+        [sys.executable, "-m", "dino_bridge.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "Traceback" not in out.stderr
-    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and key in errors[0], out.stderr[-2000:]
-    if case in ("negative-lr", "period-zero", "malformed-yaml"):
+    _one_error_line(out.stderr, key)
+    if case != "output-dir-is-a-file":
         assert not out_dir.exists()  # refused at load: no run dir, no model
+
+
+def test_train_main_exits_2_for_every_cli_case(tmp_path, capsys):
+    """The same cases in-process (the subprocess test above runs three of them for real)."""
+    from dino_bridge.train.args import main
+
+    out_dir, cases = _cases(tmp_path)
+    for case, (args, key) in cases.items():
+        assert main(args) == 2, case
+        _one_error_line(capsys.readouterr().err, key)
+    assert not out_dir.exists()
