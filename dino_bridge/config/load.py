@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .schema import Config
+from .validate import validate
 
 SCHEDULE_KEYS = ("start", "peak", "end", "zero_epochs", "warmup_epochs", "cosine_epochs")
 AUX_WEIGHT_KEYS = (
@@ -31,20 +32,6 @@ AUX_WEIGHT_KEYS = (
     "bridge_patchshuffle_weight",
     "bridge_global_weight",
 )
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "MODEL.META_ARCHITECTURE": ("SSLMetaArch", "SSLResizeShuffle"),
-    "compute_precision.param_dtype": ("fp32", "bf16", "fp16"),
-    "compute_precision.reduce_dtype": ("fp32", "bf16", "fp16"),
-    "compute_precision.sharding_strategy": ("SHARD_GRAD_OP", "FULL_SHARD", "NO_SHARD"),
-    "compute_precision.parallel": ("auto", "fsdp", "dp"),
-    "train.centering": ("sinkhorn_knopp", "centering"),
-    "student.ffn_layer": ("mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"),
-    "student.norm_layer": ("layernorm", "layernormbf16", "rmsnorm"),
-    "student.pos_embed_rope_normalize_coords": ("separate", "max", "min"),
-    "student.pos_embed_rope_dtype": ("fp32", "bf16", "fp16"),
-    "optim.scaling_rule": ("sqrt_wrt_1024", "linear_wrt_256", "none"),
-}
 
 
 class ConfigError(ValueError):
@@ -139,6 +126,8 @@ def _check_keys(node: Any, cls, prefix: str, source: str) -> None:
             if value is not None and not isinstance(value, dict):
                 raise ConfigError(f"config key '{full_key}' must be {_type_name(tp)}, got {value!r}")
             _check_keys(value, tp, full_key + ".", source)
+        elif typing.get_origin(tp) is dict and value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key '{full_key}' must be a mapping, got {value!r} (in {source})")
         elif typing.get_origin(tp) is dict and isinstance(value, dict):
             value_type = typing.get_args(tp)[1]
             for name, entry in value.items():
@@ -164,7 +153,7 @@ def _merge(base: DictConfig, update: dict, source: str) -> DictConfig:
             f"config key '{key}' must be {expected}, got {_value_at(update, key)!r} (in {source})"
         ) from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"invalid config in {source}: {e}") from None
+        raise ConfigError(f"invalid config in {source}: {_first_line(e)}") from None
 
 
 def _value_at(tree: dict, dotted: str) -> Any:
@@ -186,7 +175,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         try:
             parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"override '{item}': cannot parse it ({e})") from None
+            raise ConfigError(f"override '{item}': cannot parse it ({_first_line(e)})") from None
         _deep_update(tree, parsed)
     return tree
 
@@ -199,6 +188,23 @@ def _deep_update(tree: dict, update: dict) -> None:
             tree[key] = value
 
 
+def _first_line(error: Exception) -> str:
+    """OmegaConf and PyYAML messages run over several lines; the first one says what is wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: what PyYAML found and where (``line 3, column 9``)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem is None:
+        return _first_line(error)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{problem}{' ' + context if context else ''}{where}"
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -206,9 +212,11 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+        raise ConfigError(f"config file {path} cannot be read: {_first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -216,17 +224,17 @@ def _read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def _validate_choices(cfg: DictConfig) -> None:
-    from ..models.vit import ARCHS
+def _check_interpolations(cfg: DictConfig) -> None:
+    """``${...}`` references must resolve (the run's config.yaml is saved resolved)."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"config key '{key}' cannot be resolved: {_first_line(e)}") from None
 
-    if cfg.student.arch not in ARCHS:
-        raise ConfigError(
-            f"config key 'student.arch' is {cfg.student.arch!r}; valid values: {', '.join(ARCHS)}"
-        )
-    for key, valid in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in valid:
-            raise ConfigError(f"config key '{key}' is {value!r}; valid values: {', '.join(valid)}")
+
+def _check_schedule_keys(cfg: DictConfig) -> None:
+    """The auxiliary weights are ``Any`` in the schema: check their shape (the values: validate.py)."""
     for name in AUX_WEIGHT_KEYS:
         value = cfg.resize_shuffle_augmentor[name]
         key = f"resize_shuffle_augmentor.{name}"
@@ -240,25 +248,6 @@ def _validate_choices(cfg: DictConfig) -> None:
                     raise ConfigError(f"config key '{key}.{k}' must be a number, got {value[k]!r}")
         elif not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a number or a schedule mapping, got {value!r}")
-    for name, source in cfg.data.items():
-        given = [k for k in ("txt_path", "root", "demo") if source[k] not in (None, "")]
-        if len(given) != 1:
-            raise ConfigError(
-                f"config key 'data.{name}' needs exactly one of txt_path, root, demo (got {given or 'none'})"
-            )
-        if not 0.0 < source.dataset_ratio <= 1.0:
-            raise ConfigError(
-                f"config key 'data.{name}.dataset_ratio' must be in (0, 1], got {source.dataset_ratio}"
-            )
-    stop = cfg.train.stop_at_iteration
-    if stop is not None and stop < 1:
-        raise ConfigError(f"config key 'train.stop_at_iteration' must be >= 1 or null, got {stop}")
-    for key in ("ibot.mask_ratio_min_max", "crops.global_crops_scale", "crops.local_crops_scale"):
-        pair = OmegaConf.select(cfg, key)
-        if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
-            raise ConfigError(
-                f"config key '{key}' must be [low, high] with 0 <= low <= high, got {list(pair)}"
-            )
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> DictConfig:
@@ -268,7 +257,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = _merge(cfg, _read_yaml(path), str(path))
     if overrides:
         cfg = _merge(cfg, parse_overrides(list(overrides)), "command-line overrides")
-    _validate_choices(cfg)
+    _check_interpolations(cfg)
+    _check_schedule_keys(cfg)
+    validate(cfg)  # every value in its allowed range, before anything is built
     return cfg
 
 

@@ -34,6 +34,10 @@ from dino_bridge.seeding import derive_seed, generator
 Transform = Callable[[Image.Image, torch.Generator], dict[str, list[torch.Tensor]]]
 
 
+class NoReadableImageError(RuntimeError):
+    """Every attempt to find a readable image failed: the data, not the run, needs fixing."""
+
+
 class SSLTrainDataset(Dataset):
     def __init__(
         self,
@@ -84,7 +88,7 @@ class SSLTrainDataset(Dataset):
                 except ImageLoadError as e:
                     self._known_bad[candidate] = e.reason
             skipped.append(f"{self.source.describe(candidate)} ({self._known_bad[candidate]})")
-        raise RuntimeError(
+        raise NoReadableImageError(
             f"every attempt to load an image for stream position {position} failed "
             f"({self.max_retries + 1} attempts: index {index} and {self.max_retries} replacements). "
             f"Unreadable files: {', '.join(dict.fromkeys(skipped))}"

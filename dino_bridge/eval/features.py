@@ -93,6 +93,49 @@ def labelled_source(spec: str, default_split: str):
     return ImageFolderDataset(path, labelled=True)
 
 
+class RelabelledSource:
+    """``source`` with its labels re-indexed into another class list (same images, same order)."""
+
+    def __init__(self, source, classes: list[str], labels: list[int]):
+        self.source, self.classes, self.labels = source, classes, labels
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, index: int):
+        return self.source.load(index)
+
+    def describe(self, index: int) -> str:
+        return self.source.describe(index)
+
+
+def match_classes(train_source, val_source):
+    """``val_source`` labelled by ``train_source``'s class indices, matched by class NAME.
+
+    Probes index classes by position; two folders sort their own class names, so their positions
+    agree only when their class sets do. A val class that the train set lacks cannot be predicted:
+    an error naming it. Train classes absent from val are fine (they can still be predicted)."""
+    names = {}
+    for role, source in (("train", train_source), ("val", val_source)):
+        if getattr(source, "labels", None) is None or getattr(source, "classes", None) is None:
+            raise ValueError(f"the {role} images have no class names; evaluation needs labelled classes")
+        names[role] = list(source.classes)
+    index = {name: i for i, name in enumerate(names["train"])}
+    missing = [name for name in names["val"] if name not in index]
+    if missing:
+        shown = ", ".join(repr(m) for m in missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise ValueError(
+            f"val class(es) {shown} do not exist in the train images (train classes:"
+            f" {', '.join(names['train'][:10])}{', ...' if len(names['train']) > 10 else ''})"
+        )
+    if names["val"] == names["train"]:
+        return val_source
+    remap = [index[name] for name in names["val"]]
+    return RelabelledSource(val_source, names["train"], [remap[label] for label in val_source.labels])
+
+
 def subset_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray | None:
     if limit is None or limit >= n:
         return None

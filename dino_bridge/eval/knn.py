@@ -9,7 +9,11 @@ bounded by ``query_chunk × train_chunk`` whatever N is.
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger("dino_bridge")
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -60,7 +64,11 @@ def knn_accuracy(
         train_features = torch.nn.functional.normalize(train_features.float(), dim=1)
         test_features = torch.nn.functional.normalize(test_features.float(), dim=1)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    max_k = min(max(ks), train_features.shape[0])
+    n_train = train_features.shape[0]
+    for k in ks:
+        if k > n_train:
+            logger.warning("kNN: k=%d is larger than the %d train images; using k=%d", k, n_train, n_train)
+    max_k = min(max(ks), n_train)
     correct = dict.fromkeys(ks, 0)
     for start in range(0, test_features.shape[0], query_chunk):
         queries = test_features[start : start + query_chunk]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -11,8 +12,17 @@ import torch
 from torch import nn
 
 from ..distributed.device import detect_device_type
-from .features import eval_transform_for, extract_features, labelled_source, load_backbone, subset_indices
+from .features import (
+    eval_transform_for,
+    extract_features,
+    labelled_source,
+    load_backbone,
+    match_classes,
+    subset_indices,
+)
 from .knn import DEFAULT_KS, knn_accuracy
+
+logger = logging.getLogger("dino_bridge")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +61,8 @@ def knn_eval(
     device: str | torch.device = "cpu",
 ) -> dict:
     transform = eval_transform_for(spec, image_size)
-    train_source, val_source = labelled_source(train, "train"), labelled_source(val, "test")
+    train_source = labelled_source(train, "train")
+    val_source = match_classes(train_source, labelled_source(val, "test"))  # by name, not position
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device)
     train_feats, train_labels = extract_features(
         model, train_source, transform, indices=subset_indices(len(train_source), limit_train), **common
@@ -59,13 +70,21 @@ def knn_eval(
     val_feats, val_labels = extract_features(
         model, val_source, transform, indices=subset_indices(len(val_source), limit_val, seed=1), **common
     )
+    unseen = sorted(set(val_labels.tolist()) - set(train_labels.tolist()))
+    if unseen:  # the class exists in the train folder, not in its subset: it cannot be predicted
+        names = ", ".join(repr(train_source.classes[i]) for i in unseen)
+        logger.warning("kNN: no train image of val class(es) %s in the train subset used", names)
     acc = knn_accuracy(
         train_feats, train_labels, val_feats, val_labels, ks=tuple(ks), temperature=temperature
     )
+    n_train = int(train_feats.shape[0])
     return {
         "top1": {str(k): v for k, v in acc.items()},
-        "n_train": int(train_feats.shape[0]),
+        "k_used": {str(k): min(int(k), n_train) for k in ks},
+        "n_train": n_train,
         "n_val": int(val_feats.shape[0]),
+        "n_classes": len(train_source.classes),
+        "n_val_classes": len(set(val_labels.tolist())),
         "temperature": temperature,
     }
 
@@ -90,9 +109,12 @@ def main(args: argparse.Namespace) -> int:
     )
     result.update(checkpoint=spec["checkpoint"], which=args.which, train=args.train, val=args.val)
     sizes = f"{result['n_val']} val / {result['n_train']} train images"
-    print(f"kNN ({args.which} CLS, T={args.temperature}) on {sizes}:")
+    classes = f"{result['n_classes']} classes ({result['n_val_classes']} in val)"
+    print(f"kNN ({args.which} CLS, T={args.temperature}) on {sizes}, {classes}, matched by name:")
     for k, v in result["top1"].items():
-        print(f"  {k:>4}-NN top-1: {v:.2f}%")
+        used = result["k_used"][k]
+        clamped = f" (k clamped to the {used} train images)" if used < int(k) else ""
+        print(f"  {k:>4}-NN top-1: {v:.2f}%{clamped}")
     print(f"  ({time.perf_counter() - start:.1f} s)")
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

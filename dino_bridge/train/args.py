@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from ..config import ConfigError, load_config
@@ -35,7 +36,65 @@ def build_parser(prog: str = "python -m dino_bridge.train") -> argparse.Argument
     return p
 
 
+# How a run ended (README, "When things go wrong"). Signals follow the shell: 128 + the signal.
+EXIT_FINISHED = 0
+EXIT_USER_ERROR = 2  # config, paths, run dir, a resume that cannot work: the message names it
+EXIT_NON_FINITE = 3  # too many consecutive non-finite losses
+EXIT_UNREADABLE_DATA = 4  # no readable image could be found
+EXIT_CHECKPOINT_WRITE = 5  # a checkpoint could not be written (disk full, permission)
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code for an error that ends a run cleanly (no traceback); None for our own bugs."""
+    from ..data.ssl_dataset import NoReadableImageError
+    from .checkpoint import CheckpointWriteError, NoLoadableCheckpointError
+    from .loop import NonFiniteLossError
+    from .signals import StoppedAtOnce, exit_code_for
+
+    codes = (
+        ((ConfigError, FileNotFoundError, NoLoadableCheckpointError), EXIT_USER_ERROR),
+        (NonFiniteLossError, EXIT_NON_FINITE),
+        (NoReadableImageError, EXIT_UNREADABLE_DATA),
+        (CheckpointWriteError, EXIT_CHECKPOINT_WRITE),
+    )
+    for kinds, code in codes:
+        if isinstance(error, kinds):
+            return code
+    if isinstance(error, StoppedAtOnce):
+        return exit_code_for(error.signum)
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_SIGINT
+    return None
+
+
+def one_line(error: BaseException) -> str:
+    """The error's own message; one raised in a DataLoader worker arrives wrapped in the worker's
+    traceback, whose last line is the original message."""
+    from .signals import StoppedAtOnce
+
+    if isinstance(error, StoppedAtOnce):
+        return f"{error.args[0]} again: stopped at once; the last checkpoint is the resume point"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted before training started"
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(f"{type(error).__name__}: ", 1)[-1]
+    return text
+
+
+def _report(error: BaseException) -> None:
+    logger = logging.getLogger("dino_bridge")
+    if logger.handlers:  # training had started: the console and train.log both get it
+        logger.error("%s", one_line(error))
+    else:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train") -> int:
+    """Exit codes: 0 finished; 2 a user error; 3 non-finite losses; 4 unreadable data; 5 a checkpoint
+    write failed; 130 / 143 stopped by SIGINT / SIGTERM after its checkpoint."""
     args = build_parser(prog).parse_args(argv)
     try:
         cfg = load_config(args.config_file, args.opts)
@@ -43,7 +102,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train
             from .dry_run import dry_run_report
 
             print(json.dumps(dry_run_report(cfg)))
-            return 0
+            return EXIT_FINISHED
         if not args.output_dir:
             raise ConfigError("--output-dir is required to train")
         from ..distributed.device import setup_runtime, shutdown_runtime
@@ -51,14 +110,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train
 
         runtime = setup_runtime(str(cfg.MODEL.DEVICE))
         try:
-            train(cfg, runtime, args.output_dir, args.checkpoint_dir, resume=not args.no_resume)
+            summary = train(cfg, runtime, args.output_dir, args.checkpoint_dir, resume=not args.no_resume)
         finally:
             shutdown_runtime()
-    except (ConfigError, FileNotFoundError) as e:
-        logger = logging.getLogger("dino_bridge")
-        if logger.handlers:  # training had started: the console and train.log both get it
-            logger.error("%s", e)
-        else:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    except (Exception, KeyboardInterrupt) as e:
+        code = exit_code(e)
+        if code is None:
+            raise
+        _report(e)
+        return code
+    if summary.get("stopped_at") is not None:
+        from .signals import exit_code_for
+
+        return exit_code_for(summary.get("stopped_by") or signal.SIGTERM)  # a rank the signal missed
+    return EXIT_FINISHED

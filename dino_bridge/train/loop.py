@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError
 from ..config.features import end_iteration, superseded_notes
 from ..distributed import dist
 from ..distributed.data_parallel import average_gradients_, broadcast_parameters_
@@ -33,11 +33,9 @@ from ..seeding import derive_seed
 from . import build
 from .checkpoint import (
     checkpoint_root,
-    find_latest_checkpoint,
     load_backbone_weights_,
-    load_checkpoint,
     prune_checkpoints,
-    resolve_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
 )
 from .ema import copy_student_to_teacher_, ema_update_
@@ -45,6 +43,7 @@ from .feed import BatchFeed
 from .meta_arch import SSLMetaArch
 from .metrics import MetricsFile, StepTimer, format_record, peak_memory_mb, progress_bar, setup_logging
 from .optim import apply_schedules
+from .run_dir import RunDir
 from .signals import GracefulStop
 
 logger = logging.getLogger("dino_bridge")
@@ -260,17 +259,17 @@ def train(
 ) -> dict:
     """Train from ``cfg``; returns a summary (last record, checkpoint path)."""
     output_dir = Path(output_dir)
+    build.check_config(cfg)
+    layout = RunDir.prepare(output_dir, checkpoint_dir, resume)  # before train.log is opened
     setup_logging(output_dir, runtime.is_main, runtime.rank)
     logger.info("device: %s", runtime.describe())
     if runtime.note:
         logger.info(runtime.note)
 
-    run_start = _resume_source(output_dir, checkpoint_dir, resume)
-    build.check_config(cfg)
+    run_start = layout.resume_point(cfg)  # an incompatible config stops here, nothing written
     _log_notes(cfg)
     cfg.train.output_dir = str(output_dir)
-    if runtime.is_main:
-        save_config(cfg, output_dir / "config.yaml")
+    layout.save_config(cfg)
 
     run = build_run(cfg, runtime, output_dir)
     kind = build.assigner_kind(cfg)
@@ -278,7 +277,13 @@ def train(
     start_iter, warmup_batches = 0, 0
     if run_start is not None:
         logger.info("resuming from %s", run_start)
-        state = load_checkpoint(run_start, student=run.student, teacher=run.teacher, optimizer=run.optimizer)
+        run_start, state = resume_checkpoint(
+            run_start,
+            student=run.student,
+            teacher=run.teacher,
+            optimizer=run.optimizer,
+            fallback=layout.owns_start,
+        )
         start_iter, warmup_batches = int(state["iteration"]), int(state["warmup_batches"])
         _load_assigners(run, state["assigners"])
         if state["world_size"] != runtime.world_size:
@@ -359,14 +364,6 @@ def _gather_checksums(run: TrainingRun) -> list[str]:
     return dist.all_gather_object(parameter_checksum(run.student) + parameter_checksum(run.teacher))
 
 
-def _resume_source(output_dir: Path, checkpoint_dir: str | None, resume: bool) -> Path | None:
-    if checkpoint_dir:
-        return resolve_checkpoint(checkpoint_dir)
-    if resume:
-        return find_latest_checkpoint(checkpoint_root(output_dir))
-    return None
-
-
 def _loop(run: TrainingRun, feed: BatchFeed, start_iter: int, warmup_batches: int) -> dict:
     cfg, runtime = run.cfg, run.runtime
     log_period, period = max(1, int(cfg.train.log_period)), int(cfg.checkpointing.period)
@@ -408,6 +405,7 @@ def _loop(run: TrainingRun, feed: BatchFeed, start_iter: int, warmup_batches: in
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "skipped": sorted(skipped.names),
         "stopped_at": stopped_at,
+        "stopped_by": stop.signum if stopped_at is not None else None,  # the exit code: 128 + it
     }
 
 

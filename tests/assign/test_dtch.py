@@ -14,7 +14,7 @@ import torch
 from dino_bridge.assign.dtch import DTCH
 from tests.assign.dtch_oracle import balance_weights
 
-GOLDEN_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "golden" / "dtch_seed_head"
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden_dtch"  # copied from shared/ (see its README)
 LOGGER = "dino_bridge.assign.dtch"
 
 
@@ -31,7 +31,7 @@ def golden_cases() -> list[Path]:
     cases = sorted(GOLDEN_DIR.glob("*.npz"))
     if not cases:
         pytest.fail(
-            f"DTCH golden data not found in {GOLDEN_DIR.resolve()} (expected ../shared next to the repo)"
+            f"DTCH golden data not found in {GOLDEN_DIR.resolve()} (see tests/assign/golden_dtch/README.md)"
         )
     return cases
 
@@ -50,6 +50,15 @@ GOLDEN_KWARGS = {  # our constructor argument <- the seed's attribute
 
 def test_golden_data_is_present():
     assert len(golden_cases()) == 8
+
+
+def test_golden_data_is_the_recorded_copy():
+    """The files equal the shared reference data they were copied from (SHA256SUMS)."""
+    import hashlib
+
+    for line in (GOLDEN_DIR / "SHA256SUMS").read_text().splitlines():
+        digest, name = line.split()
+        assert hashlib.sha256((GOLDEN_DIR / name).read_bytes()).hexdigest() == digest, name
 
 
 @pytest.mark.parametrize("case", [p.stem for p in sorted(GOLDEN_DIR.glob("*.npz"))] or ["missing"])
