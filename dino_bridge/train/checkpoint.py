@@ -454,7 +454,11 @@ def load_checkpoint(
     set_model_state_dict(student, state["student"], options=StateDictOptions(strict=False))
     set_model_state_dict(teacher, state["teacher"])
     if optimizer is not None:
-        set_optimizer_state_dict(student, optimizer, {**state["optimizer"], "param_groups": param_groups})
+        # strict=False only lets the ``never_stepped`` parameters through: every other state was loaded
+        options = StateDictOptions(strict=not never_stepped)
+        set_optimizer_state_dict(
+            student, optimizer, {**state["optimizer"], "param_groups": param_groups}, options=options
+        )
         for fqn in never_stepped:  # ``get_optimizer_state_dict`` filled every state; undo it for these
             _drop_state(student, optimizer, fqn)
     return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -79,3 +80,55 @@ def test_seed_yaml_with_dtch_trains_under_torchrun(tmp_path):
     state = __import__("torch").load(out / "ckpt" / "4" / "trainer_state.pt", weights_only=False)
     assert state["warmup_batches"] >= 4, state
     assert state["samples_consumed_per_rank"] == (4 + state["warmup_batches"]) * 4, state
+
+
+STREAM_SCHEDULES = [
+    f"resize_shuffle_augmentor.{name}.zero_epochs=1"
+    for name in (
+        "resize_paste_loss_weight",
+        "patch_shuffle_loss_weight",
+        "bridge_patchshuffle_weight",
+        "bridge_global_weight",
+    )
+]
+STREAMS = [
+    "crops.global_crops_size=64",  # a 4×4 grid: the sparse PatchRoll set is not empty
+    "crops.local_crops_size=32",
+    "optim.epochs=4",
+    "train.log_period=1",
+    "checkpointing.period=100",
+    "dtch.cls_hist_cache=64",
+    "dtch.patch_hist_cache=256",
+    "resize_shuffle_augmentor.bridge_ibot_gate=null",
+    *STREAM_SCHEDULES,
+]
+AUX = (
+    "aug/resize_paste_cls_loss",
+    "aug/patchshuffle_cls_loss",
+    "aug/patchshuffle_patch_loss",
+    "aug/bridge_global_loss",
+    "aug/bridge_patchshuffle_loss",
+)
+
+
+def test_seed_yaml_streams_switch_on_and_resume_exactly_under_torchrun(tmp_path):
+    """The seed's streams with zero_epochs=1 (on from iteration 3 of 8): stopped at 2, before the
+    switch-on point, then resumed past it, the per-step losses equal an uninterrupted run's."""
+    full, result = _torchrun(tmp_path / "full", STREAMS)
+    part, _ = _torchrun(tmp_path / "part", [*STREAMS, "train.stop_at_iteration=2"])
+    resumed, result2 = _torchrun(tmp_path / "part", STREAMS)
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == list(range(8))
+    for ra, rb in zip(a, b):
+        keys = [k for k in ra if k.endswith("loss") or k.startswith("aug/")]
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}, ra["iteration"]
+    assert not any(k in a[2] for k in AUX) and a[2]["aug/resize_paste_cls_loss_weight"] == 0.0
+    for record in a[3:]:
+        for name in AUX:
+            assert name in record and math.isfinite(record[name]), (name, record["iteration"])
+        assert record["aug/patchshuffle_patch_tokens"] > 0
+    for out, res in ((full, result), (resumed, result2)):
+        summary = json.loads((out / "run_summary.json").read_text())
+        assert summary["param_checksums"][0] == summary["param_checksums"][1], res.stderr[-3000:]
+    log = (resumed / "train.log").read_text()
+    assert "iteration 3: the data pipeline now also builds the invariance views (raw, resizepaste)" in log
