@@ -6,8 +6,11 @@
 
 Defaults: the seed YAML (configs/dinov3_vitlarge_pretrain.yaml) shrunk to vit_small, K = 4096
 prototypes in both heads, B = 8, its crops as written (2×224 + 8×96), one process, 2 threads,
-``optim.epochs=2`` (the auxiliary weights stay 0, so the not-yet-available streams never take
-effect), ``--dtype`` = the seed's ``compute_precision.param_dtype`` (bf16) unless given.
+``optim.epochs=2`` (the seed's stream weights stay 0 over those iterations), ``--dtype`` = the
+seed's ``compute_precision.param_dtype`` (bf16) unless given. ``--streams`` switches the seed's
+invariance streams on from iteration 0 at their peak weights (Crop-Resize 0.5, PatchRoll 1 × (1, 1),
+bridges 0.25 each), with ``--bridge-gate`` (default null: the bridges always on; the seed's 4.0
+gates them off while the iBOT loss is above it, as it is at K = 4096 early in training).
 
 The run is built as the trainer builds it (``load_config`` → ``setup_runtime`` → ``build_run``)
 and the batches come from the real pipeline (``build_train_source`` + ``build_loader``, 0 workers).
@@ -57,6 +60,7 @@ from benchmarks._report import (  # noqa: E402
 )
 from benchmarks._synthetic import write_synthetic_images  # noqa: E402
 from dino_bridge.config import load_config  # noqa: E402
+from dino_bridge.data.invariance import data_kinds_for  # noqa: E402
 from dino_bridge.distributed.device import setup_runtime  # noqa: E402
 from dino_bridge.train import build  # noqa: E402
 from dino_bridge.train.loop import TrainingRun, build_run, teacher_targets, train_step  # noqa: E402
@@ -102,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="synthetic image side")
     p.add_argument("--dtch-fill", choices=("assigner", "none"), default="assigner", help="see module doc")
     p.add_argument("--quick", action="store_true", help="vit_tiny, 32 px crops, 3 steps (a smoke run)")
+    p.add_argument("--streams", action="store_true", help="the invariance streams on from iteration 0")
+    p.add_argument("--bridge-gate", default="null", help="resize_shuffle_augmentor.bridge_ibot_gate")
     p.add_argument("--label", default="", help="a name for this variant in the outputs")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--overrides", nargs="*", default=[], help="key=value config overrides (applied last)")
@@ -132,7 +138,22 @@ def config_overrides(args: argparse.Namespace, data_names: list[str], txt_path: 
     overrides += [f"train.checkpointing={args.ac}"] if args.ac is not None else []
     for name in data_names:
         overrides += [f"data.{name}.txt_path={txt_path}", f"data.{name}.dataset_ratio=1.0"]
+    if args.streams:
+        for name in STREAM_SCHEDULES:
+            overrides += [f"{name}.zero_epochs=0", f"{name}.warmup_epochs=0"]
+        overrides += [f"resize_shuffle_augmentor.bridge_ibot_gate={args.bridge_gate}"]
     return overrides + list(args.overrides)
+
+
+STREAM_SCHEDULES = [
+    f"resize_shuffle_augmentor.{name}"
+    for name in (
+        "resize_paste_loss_weight",
+        "patch_shuffle_loss_weight",
+        "bridge_global_weight",
+        "bridge_patchshuffle_weight",
+    )
+]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -140,8 +161,15 @@ def prefetch_batches(run: TrainingRun, pool: int) -> tuple[list[dict], list[floa
     """``pool`` batches from the real pipeline (kept on the host, as the loader yields them)."""
     cfg, runtime = run.cfg, run.runtime
     source = build.build_train_source(cfg)
+    plan = run.meta.plan(0)
     loader = build.build_loader(
-        cfg, source, rank=0, world_size=1, start_position=0, pin_memory=runtime.device.type == "cuda"
+        cfg,
+        source,
+        rank=0,
+        world_size=1,
+        start_position=0,
+        pin_memory=runtime.device.type == "cuda",
+        invariance_kinds=data_kinds_for((*plan.teacher_views, *plan.student_views)),
     )
     batches, seconds = [], []
     iterator = iter(loader)
@@ -369,6 +397,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
             "compile_applied": run.plan.compile and device.type == "cuda",
             "activation_checkpointing": run.plan.activation_checkpointing,
             "teacher_targets": build.assigner_kind(cfg),
+            "terms": list(run.meta.plan(0).names),
+            "bridge_ibot_gate": cfg.resize_shuffle_augmentor.bridge_ibot_gate if args.streams else None,
+            "parameters_trained": sum(p.numel() for p in run.student.parameters()),
             "masked_patches_per_batch": batch["masks"]["global"].count,
             "overrides": config_overrides(
                 args, list(seed_cfg.data.keys()), shown_path(txt_path) if args.data else "<synthetic images>"

@@ -35,3 +35,17 @@ def test_quick_run_times_steps_fills_dtch_and_profiles(tmp_path: Path) -> None:
         assert window["history_full"] and window["fill_calls"] == window["window_rows"] - 1
     assert set(report["profile"]["stages_s"]) >= STAGES
     assert report["profile"]["top_ops"]["self_cpu_time_total"]
+
+
+def test_quick_run_with_every_stream_on(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--json", str(out)]
+    cmd += ["--streams", "--label", "streams"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    terms = set(report["config"]["terms"])
+    assert {"aug/resize_paste_cls_loss", "aug/patchshuffle_patch_loss", "aug/bridge_global_loss"} <= terms
+    assert report["config"]["bridge_ibot_gate"] is None
+    for name in ("resize_paste_r", "raw_cls_o", "patchshuffle_patch_r"):
+        assert report["dtch"][name]["history_full"], name
