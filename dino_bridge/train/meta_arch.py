@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -56,10 +55,6 @@ class SSLMetaArch(nn.Module):
     # ------------------------------------------------------------------ planning
     def plan(self, iteration: int) -> StepPlan:
         return StepPlan.of(self.terms, iteration, tuple(self.target_specs))
-
-    def term_weights(self, start: int, end: int) -> dict[str, np.ndarray]:
-        """Effective weights of every declared term at iterations [start, end)."""
-        return {term.name: term.weights(start, end) for term in self.terms}
 
     def context(self, batch: dict, plan: StepPlan, teacher_temp: float) -> StepContext:
         return StepContext(batch, plan, teacher_temp, self.student, self.teacher)
@@ -108,13 +103,9 @@ class SSLMetaArch(nn.Module):
                 weights[term.name] = 0.0
                 continue
             ctx.terms[term.name] = term.compute(ctx)
+        if not ctx.terms:
+            raise ValueError(
+                f"iteration plan {ctx.plan.names} leaves no loss term to train (every weight is 0)"
+            )
         total = sum(weights[name] * value for name, value in ctx.terms.items())
         return total, dict(ctx.terms), weights
-
-    def forward_step(self, batch: dict, plan: StepPlan, teacher_temp: float):
-        """Teacher targets → student outputs → terms, for one batch already on the device."""
-        ctx = self.context(batch, plan, teacher_temp)
-        self.teacher_targets(ctx)
-        self.student_outputs(ctx)
-        total, terms, weights = self.compute_losses(ctx)
-        return total, terms, weights, ctx.metrics
