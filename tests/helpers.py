@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,24 @@ def run_training(cfg, output_dir: Path, **kwargs) -> dict:
     from dino_bridge.train.loop import train
 
     return train(cfg, setup_runtime("cpu"), output_dir, **kwargs)
+
+
+GOLDEN_THREADS = 2  # the golden run's intra-op threads (BLAS reduction order), whatever OMP_NUM_THREADS says
+
+
+@contextlib.contextmanager
+def golden_threads():
+    """Run the golden tiny run at a fixed thread count: its KoLeo terms see nearly coincident CLS
+    features (LayerScale 1e-5, a few steps), and −log(distance) amplifies the last-bit differences
+    that another BLAS reduction order gives the features (~3e-5 relative at one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(GOLDEN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def read_metrics(output_dir: Path) -> list[dict]:

@@ -42,13 +42,17 @@ def koleo_per_row(x: torch.Tensor) -> torch.Tensor:
 
     Returns:
         [..., n] fp32 per-row terms. The neighbour index is chosen without gradient (self excluded
-        by a -inf diagonal); the gradient flows through the distance.
+        by a -inf diagonal); the gradient flows through the distance. The search compares inner
+        products in fp64 (fp32 on MPS): for features close together, 1 − d²/2 in fp32 is at its
+        resolution limit (d ≈ 4e-4 gives 1 − 8e-8), so an fp32 search picked the neighbour by
+        rounding, and the result depended on the BLAS thread count.
     """
     assert x.shape[-2] >= 2, "koleo_per_row needs at least 2 rows per group"
     with _autocast_off(x.device):
         feats = F.normalize(x.float(), p=2, dim=-1, eps=EPS)
         with torch.no_grad():
-            dots = feats @ feats.transpose(-1, -2)  # [..., n, n]
+            search = feats.to(torch.float32 if feats.device.type == "mps" else torch.float64)
+            dots = search @ search.transpose(-1, -2)  # [..., n, n]
             # -inf, not the reference's -1: with -1 a row whose only neighbour is antipodal
             # (dot = -1) would tie with itself and pick itself.
             dots.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))

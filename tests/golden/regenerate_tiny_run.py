@@ -13,7 +13,15 @@ from pathlib import Path
 
 import torch
 
-from tests.helpers import LOSS_KEYS, make_image_folder, read_metrics, run_training, tiny_config
+from tests.helpers import (
+    GOLDEN_THREADS,
+    LOSS_KEYS,
+    golden_threads,
+    make_image_folder,
+    read_metrics,
+    run_training,
+    tiny_config,
+)
 
 ITERATIONS = 6
 OVERRIDES: list[str] = []
@@ -24,11 +32,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         images = make_image_folder(Path(tmp) / "images", n=24)
         cfg = tiny_config(images, iterations=ITERATIONS, period=100, extra=OVERRIDES)
-        run_training(cfg, Path(tmp) / "run")
+        with golden_threads():
+            run_training(cfg, Path(tmp) / "run")
         records = read_metrics(Path(tmp) / "run")
     golden = {
         "about": "per-step losses of tests/helpers.tiny_config (configs/smoke_cpu.yaml shrunk), CPU, fp32",
         "torch": torch.__version__,
+        "threads": GOLDEN_THREADS,
         "iterations": ITERATIONS,
         "overrides": OVERRIDES,
         "loss_keys": list(LOSS_KEYS),

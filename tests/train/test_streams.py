@@ -16,7 +16,15 @@ from dino_bridge.distributed.device import Runtime
 from dino_bridge.models.vit import DinoVisionTransformer
 from dino_bridge.train import build
 from dino_bridge.train import feed as feed_module
-from tests.helpers import CONFIGS, LOSS_KEYS, make_image_folder, read_metrics, run_training, tiny_config
+from tests.helpers import (
+    CONFIGS,
+    LOSS_KEYS,
+    golden_threads,
+    make_image_folder,
+    read_metrics,
+    run_training,
+    tiny_config,
+)
 from tests.train.stream_helpers import bridge_gradient_probe, stream_config, stream_overrides
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_run_losses.json"
@@ -64,7 +72,8 @@ def test_streams_with_zero_weights_cost_nothing_and_keep_the_golden_losses(image
         built.append(self.kinds)
 
     monkeypatch.setattr(feed_module.BatchFeed, "start", start)
-    run_training(cfg, tmp_path / "run")
+    with golden_threads():
+        run_training(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run")
     for it, expected in enumerate(golden["losses"]):
         got = [records[it][k] for k in LOSS_KEYS]

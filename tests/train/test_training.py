@@ -23,6 +23,7 @@ from tests.helpers import (
     CONFIGS,
     LOSS_KEYS,
     REPO,
+    golden_threads,
     make_image_folder,
     read_metrics,
     run_training,
@@ -46,7 +47,8 @@ def test_golden_losses(images, tmp_path):
     """A deterministic tiny run reproduces the stored per-step losses (regenerate: tests/golden/README.md)."""
     golden = json.loads(GOLDEN.read_text())
     cfg = tiny_config(images, iterations=golden["iterations"], period=100, extra=golden["overrides"])
-    run_training(cfg, tmp_path / "run")
+    with golden_threads():
+        run_training(cfg, tmp_path / "run")
     got = _losses(read_metrics(tmp_path / "run"))
     assert sorted(got) == list(range(golden["iterations"]))
     for it, expected in enumerate(golden["losses"]):
