@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     quickstart.add_arguments(
         commands.add_parser("quickstart", help="train a small ViT on Fashion-MNIST on CPU")
     )
+    from . import data_cli
+
+    data_cli.add_arguments(commands.add_parser("data", help="data tools: index-wsi, stats"))
     args = parser.parse_args(argv)
     try:
+        if args.command == "data":
+            return data_cli.main(args)
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)

@@ -239,11 +239,15 @@ class SchedulesConfig:
 
 @dataclass
 class DataSourceConfig:
-    """One named training dataset: exactly one of txt_path, root, demo."""
+    """One named training dataset: exactly one of txt_path, root, demo, h5_list, wsi_index, shards."""
 
     txt_path: str | None = None  # a text file, one image path per line (relative to the file's folder)
     root: str | None = None  # NEW: an image folder, scanned recursively
     demo: str | None = None  # NEW: a built-in demo dataset, e.g. fashion-mnist
+    h5_list: str | None = None  # NEW: a text file listing HDF5 files of uint8 tiles [N, H, W, 3] (extra [h5])
+    h5_key: str = "patches"  # NEW: the dataset of the tiles in each HDF5 file
+    wsi_index: str | None = None  # NEW: a .npy of (slide, x, y, level, size) rows (index-wsi; extra [wsi])
+    shards: str | None = None  # NEW: WebDataset tars: brace pattern, txt list or folder (extra [shards])
     dataset_ratio: float = 1.0  # fraction of this dataset used (seeded subset)
 
 

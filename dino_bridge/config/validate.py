@@ -194,8 +194,22 @@ def _devices():
     return ("auto", *BACKENDS)
 
 
-def _one_source(value, cfg) -> bool:
-    return sum(value[k] not in (None, "") for k in ("txt_path", "root", "demo")) == 1
+SOURCE_KINDS = ("txt_path", "root", "demo", "h5_list", "wsi_index", "shards")
+
+
+def _set_kinds(value) -> list[str]:
+    return [k for k in SOURCE_KINDS if value[k] not in (None, "")]
+
+
+class OneSource(Rule):
+    """A dataset under ``data:`` names exactly one kind of source; the error lists those it set."""
+
+    def failure(self, key: str, value: Any, cfg: DictConfig) -> str | None:
+        chosen = _set_kinds(value)
+        if len(chosen) == 1:
+            return None
+        shown = ", ".join(f"{k}={value[k]!r}" for k in chosen) or "no source"
+        return f"config key '{key}' sets {shown}; {self.describe(cfg)}"
 
 
 def rope_period(bound: str) -> Rule:
@@ -354,7 +368,9 @@ RULES: dict[str, Rule] = {
     **_schedule_rules("teacher_temp", _POSITIVE),
     **_schedule_rules("momentum", number(0, 1)),
     # -- data
-    "data.*": Rule(_one_source, "allowed: exactly one of txt_path, root, demo"),
+    "data.*": OneSource(
+        lambda v, cfg: len(_set_kinds(v)) == 1, f"allowed: exactly one of {', '.join(SOURCE_KINDS)}"
+    ),
     "data.*.dataset_ratio": number(0, 1, lo_open=True),
     "data.*.demo": Rule(
         lambda v, cfg: v in (None, "") or v in _demo_names(),

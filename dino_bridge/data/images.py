@@ -13,6 +13,7 @@ Every mode Pillow can open is mapped to RGB without clipping information away:
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -104,22 +105,34 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, "is a directory, not an image file")
     if os.path.getsize(path) == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """``load_image`` for the bytes of an image file (a member of an archive); ``name`` is what an
+    ``ImageLoadError`` names."""
+    if not data:
+        raise ImageLoadError(name, "file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source: str | io.BytesIO, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) about some benign oddities, e.g. palette transparency.
             warnings.simplefilter("ignore", UserWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 opened.load()
                 oriented = ImageOps.exif_transpose(opened)
                 rgb = _to_rgb(oriented)
                 rgb.load()
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(path, f"decompression bomb: {error}") from error
+        raise ImageLoadError(name, f"decompression bomb: {error}") from error
     except Image.UnidentifiedImageError as error:
-        raise ImageLoadError(path, "not a recognised image format") from error
+        raise ImageLoadError(name, "not a recognised image format") from error
     except Exception as error:
         # Truncated data ("image file is truncated"), broken headers or EXIF, unsupported modes, and
         # whatever else a format plugin raises on a malformed file: one bad file must not stop training.
-        raise ImageLoadError(path, f"{type(error).__name__}: {error}") from error
+        raise ImageLoadError(name, f"{type(error).__name__}: {error}") from error
     # Detach from the file handle that the `with` block closed.
     return rgb if rgb is not opened else rgb.copy()

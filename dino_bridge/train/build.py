@@ -16,14 +16,11 @@ from ..config import ConfigError
 from ..config.features import FeatureProblem, find_problems, total_iterations
 from ..data import (
     ConcatImageDataset,
-    ImageFolderDataset,
-    ImageListDataset,
     MultiCropAugmentation,
     MultiCropCollate,
     ShardedInfiniteSampler,
     SSLTrainDataset,
     SubsetDataset,
-    build_demo_dataset,
     build_train_loader,
     num_masked_patches_per_image,
 )
@@ -33,6 +30,7 @@ from ..models import DINOHead, build_vit
 from ..models.bridge import InversePatchEmbed
 from .optim import OptimSettings, build_optimizer, build_param_groups
 from .schedules import ScheduleSpec, TrainingSchedules, build_training_schedules, loss_weight_factor, lr_scale
+from .sources import SOURCE_KEYS, open_source
 from .streams import BridgeStream, CoreSettings, CoreStream, PatchRollStream, ResizePasteStream, Stream
 
 logger = logging.getLogger("dino_bridge")
@@ -390,16 +388,11 @@ def build_student_optimizer(cfg: DictConfig, student: nn.ModuleDict, device: tor
 def build_train_source(cfg: DictConfig):
     """The named datasets of ``data:``, each subset by its dataset_ratio, concatenated."""
     if len(cfg.data) == 0:
-        raise ConfigError("no training data: add a dataset under 'data:' (txt_path, root or demo)")
+        raise ConfigError(f"no training data: add a dataset under 'data:' ({', '.join(SOURCE_KEYS)})")
     sources = []
     for name, src in cfg.data.items():
         try:
-            if src.txt_path:
-                ds = ImageListDataset(src.txt_path)
-            elif src.root:
-                ds = ImageFolderDataset(src.root)
-            else:
-                ds = build_demo_dataset(src.demo, "train")
+            ds = open_source(name, src, index_dir=cfg.train.output_dir or None)
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.{name}: {e}") from None
         if float(src.dataset_ratio) < 1.0:
