@@ -113,6 +113,9 @@ class StudentConfig:
     pretrained_weights: str = ""
     ffn_layer: str = "mlp"
     ffn_ratio: float | None = None  # None: the preset's ratio
+    embed_dim: int | None = None  # NEW: None: the preset's width (a multiple of 4 * num_heads, for RoPE)
+    depth: int | None = None  # NEW: None: the preset's number of blocks
+    num_heads: int | None = None  # NEW: None: the preset's number of attention heads
     resume_from_teacher_chkpt: str = ""
     qkv_bias: bool = True
     proj_bias: bool = True

@@ -212,6 +212,26 @@ class OneSource(Rule):
         return f"config key '{key}' sets {shown}; {self.describe(cfg)}"
 
 
+def _heads(cfg) -> int:
+    from ..models.vit import ARCHS
+
+    heads = cfg.student.num_heads
+    if heads is None:
+        heads = ARCHS.get(cfg.student.arch, {}).get("num_heads", 1)
+    return int(heads) if isinstance(heads, int) and heads > 0 else 1
+
+
+def _width(cfg) -> int:
+    from ..models.vit import ARCHS
+
+    width = cfg.student.embed_dim
+    return int(width) if isinstance(width, int) else int(ARCHS.get(cfg.student.arch, {}).get("embed_dim", 4))
+
+
+def _heads_fit(embed_dim: int, cfg) -> bool:
+    return embed_dim > 0 and embed_dim % (4 * _heads(cfg)) == 0
+
+
 def rope_period(bound: str) -> Rule:
     """DINOv3's RoPE takes ``base`` or both periods (min < max), never both kinds."""
 
@@ -314,6 +334,22 @@ RULES: dict[str, Rule] = {
     "student.patch_drop": number(0, 1, hi_open=True),
     "student.ffn_layer": one_of("mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"),
     "student.ffn_ratio": number(0, lo_open=True, null=True),
+    "student.num_heads": Rule(
+        lambda v, cfg: (
+            v is None
+            or (isinstance(v, int) and not isinstance(v, bool) and v > 0 and _heads_fit(_width(cfg), cfg))
+        ),
+        lambda cfg: (
+            f"allowed: null or an integer >= 1 with the width ({_width(cfg)}) a multiple of 4 * num_heads"
+        ),
+    ),
+    "student.depth": integer(1, null=True),
+    "student.embed_dim": Rule(
+        lambda v, cfg: v is None or (isinstance(v, int) and not isinstance(v, bool) and _heads_fit(v, cfg)),
+        lambda cfg: (
+            f"allowed: null or a positive multiple of 4 * num_heads ({4 * _heads(cfg)}, for 2-D RoPE)"
+        ),
+    ),
     "student.norm_layer": one_of("layernorm", "layernormbf16", "rmsnorm"),
     "student.n_storage_tokens": integer(0),
     "student.in_chans": _RGB,

@@ -65,6 +65,9 @@ def backbone_spec(cfg: DictConfig) -> dict:
     )
     if s.ffn_ratio is not None:
         kwargs["ffn_ratio"] = float(s.ffn_ratio)
+    for key in ("embed_dim", "depth", "num_heads"):
+        if s[key] is not None:
+            kwargs[key] = int(s[key])
     return {
         "arch": str(s.arch),
         "kwargs": kwargs,
