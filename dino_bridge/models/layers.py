@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dino_bridge.models.init import constant_, copy_, init_linear, ones_, uniform_, zeros_
 from dino_bridge.models.rope import rope_apply
@@ -59,6 +60,26 @@ def apply_tokenwise(
 
 # ---------------------------------------------------------------------------------------------
 # Patch embedding
+
+
+# On the CPU in bf16/fp16, PyTorch's fused (flash) attention kernel is slower than the plain math
+# one, up to 7x with backward for short sequences (benchmarks/bench_attention.py); in fp32 the fused
+# one is faster. Both compute the same softmax attention. The math kernel holds the n x n scores, so
+# it is used up to this many tokens.
+CPU_MATH_ATTENTION_MAX_TOKENS = 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of ``[B, heads, n, d]`` tensors, with the faster kernel for the CPU."""
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_TOKENS
+    ):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 class PatchEmbed(nn.Module):
@@ -204,7 +225,7 @@ class SelfAttention(nn.Module):
             assert n_prefix >= 0, (n, sin.shape)
             q = torch.cat([q[:, :, :n_prefix], rope_apply(q[:, :, n_prefix:], sin, cos)], dim=2)
             k = torch.cat([k[:, :, :n_prefix], rope_apply(k[:, :, n_prefix:], sin, cos)], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return out.transpose(1, 2).reshape(B, n, -1)
 
     def forward_list(self, xs: Sequence[torch.Tensor], ropes: Sequence[Rope | None]) -> list[torch.Tensor]:

@@ -214,3 +214,20 @@ def test_block_drop_path_is_random_in_train_and_deterministic_in_eval():
 def test_bad_drop_path_rate():
     with pytest.raises(ValueError, match="drop_path"):
         Block(16, 2, drop_path=1.0)
+
+
+def test_cpu_attention_kernel_choice_computes_softmax_attention():
+    from dino_bridge.models.layers import CPU_MATH_ATTENTION_MAX_TOKENS, attention
+
+    torch.manual_seed(0)
+    for n in (5, CPU_MATH_ATTENTION_MAX_TOKENS, CPU_MATH_ATTENTION_MAX_TOKENS + 3):  # both kernels
+        q, k, v = (torch.randn(2, 3, n, 8, dtype=torch.float64) for _ in range(3))
+        expected = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v
+        torch.testing.assert_close(attention(q, k, v), expected)
+        qb, kb, vb = (t.float().requires_grad_() for t in (q, k, v))
+        attention(qb, kb, vb).sum().backward()
+        assert qb.grad is not None and torch.isfinite(qb.grad).all()
+        # bf16 (the math kernel on the CPU up to the limit) agrees with fp32 to bf16 precision
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
