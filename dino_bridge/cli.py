@@ -1,4 +1,7 @@
-"""``dino-bridge``: train | eval knn | quickstart."""
+"""``dino-bridge``: train | eval knn | quickstart | data.
+
+Exit codes (every command): 0 finished; 2 a user error (config, paths, inputs); 3 non-finite losses;
+4 unreadable data; 5 a checkpoint write failed; 130 / 143 stopped by SIGINT / SIGTERM."""
 
 from __future__ import annotations
 
@@ -36,9 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        # the same exit codes and one-line messages as ``dino-bridge train``; the eval and data
+        # tools report a bad input (a class missing from the train folder, k too large) as ValueError
+        from .train.args import EXIT_USER_ERROR, _report, exit_code
+
+        code = exit_code(e)
+        if code is None and isinstance(e, ValueError):
+            code = EXIT_USER_ERROR
+        if code is None:
+            raise  # our own bug: the traceback is what a bug report needs
+        _report(e)
+        return code
 
 
 if __name__ == "__main__":

@@ -61,9 +61,16 @@ def main(args: argparse.Namespace) -> int:
 
     runtime = setup_runtime(str(cfg.MODEL.DEVICE))
     try:
-        train(cfg, runtime, output, resume=not args.no_resume)
+        summary = train(cfg, runtime, output, resume=not args.no_resume)
     finally:
         shutdown_runtime()
+    if summary.get("stopped_at") is not None:  # SIGINT / SIGTERM: checkpointed, not evaluated
+        import signal
+
+        from .train.signals import exit_code_for
+
+        print(f"stopped at iteration {summary['stopped_at']}; rerun the same command to resume", flush=True)
+        return exit_code_for(summary.get("stopped_by") or signal.SIGTERM)
     model, spec = load_backbone(output)
     after = _knn(model, spec, args)
     minutes = (time.perf_counter() - started) / 60

@@ -40,3 +40,46 @@ def test_quickstart_command_prints_knn_before_and_after(tmp_path):
 def test_train_help_and_top_level_help():
     assert "--config-file" in _run([sys.executable, "-m", "dino_bridge.train", "--help"]).stdout
     assert "quickstart" in _run([sys.executable, "-m", "dino_bridge.cli", "--help"]).stdout
+
+
+def test_every_command_reports_a_user_error_in_one_line_with_exit_2(tmp_path, capsys):
+    from dino_bridge.cli import main
+
+    cases = [
+        ["eval", "knn", "--checkpoint", str(tmp_path / "nope"), "--train", "x", "--val", "y"],
+        ["quickstart", "--output-dir", str(tmp_path / "qs"), "schedules.lr.peak=-1"],
+        ["data", "stats", str(tmp_path / "missing")],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, (argv, err)
+
+
+def test_quickstart_stopped_by_a_signal_exits_143_without_evaluating(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from dino_bridge import cli
+    from dino_bridge.eval import run_knn
+    from dino_bridge.train import loop
+
+    monkeypatch.setattr(run_knn, "knn_eval", lambda *a, **k: {"top1": {"20": 50.0}})
+    monkeypatch.setattr(loop, "train", lambda *a, **k: {"stopped_at": 7, "stopped_by": signal.SIGTERM})
+    assert cli.main(["quickstart", "--output-dir", str(tmp_path / "qs")]) == 143
+    out = capsys.readouterr().out
+    assert "stopped at iteration 7; rerun the same command to resume" in out
+    assert "after training" not in out and not (tmp_path / "qs" / "quickstart_results.json").exists()
+
+
+def test_our_own_bugs_keep_their_traceback(monkeypatch):
+    import pytest
+
+    from dino_bridge import cli
+    from dino_bridge.eval import run_knn
+
+    def broken(args):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(run_knn, "main", broken)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        cli.main(["eval", "knn", "--checkpoint", "c", "--train", "t", "--val", "v"])
