@@ -1,4 +1,4 @@
-"""``dino-bridge``: train | eval knn | quickstart."""
+"""``dino-bridge``: train | eval knn | export | quickstart."""
 
 from __future__ import annotations
 
@@ -29,10 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import data_cli
 
     data_cli.add_arguments(commands.add_parser("data", help="data tools: index-wsi, stats"))
+    from .export import cli as export_cli
+
+    export_cli.add_arguments(commands.add_parser("export", help="export a backbone: hf | torch"))
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
             return data_cli.main(args)
+        if args.command == "export":
+            return export_cli.main(args)
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)
