@@ -153,3 +153,20 @@ def test_export_command(tmp_path):
     refused = _cli("--checkpoint", str(bad), "--format", "hf", "--out", str(tmp_path / "y"))
     assert refused.returncode == 2 and "norm_layer" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_the_processor_config_loads_and_matches_our_eval_transform_on_square_images(tmp_path):
+    import numpy as np
+
+    from dino_bridge.eval import eval_transform_for
+    from tests.helpers import synthetic_image
+
+    spec, model = random_backbone()
+    write_hf(spec, model.state_dict(), tmp_path / "hf")
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    image = synthetic_image(np.random.default_rng(0), 60)
+    theirs = processor(image, return_tensors="pt")["pixel_values"][0]
+    ours = eval_transform_for(spec)(image)
+    assert theirs.shape == ours.shape == (3, 32, 32)
+    # HF resizes floats, we resize uint8 (rounding, clamped overshoot): close, not equal
+    assert (theirs - ours).abs().max() < 0.15
