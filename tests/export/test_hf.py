@@ -139,20 +139,23 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
-def test_export_command(tmp_path):
+def test_export_command(tmp_path, capsys):
+    from dino_bridge.cli import main
+
     spec, model = random_backbone()
     ckpt = _checkpoint(tmp_path, spec, model)
     out = _cli("--checkpoint", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert out.returncode == 0, out.stderr
-    print(out.stdout, out.stderr)
-    assert "tensors mapped" in out.stdout and "local-crop CLS norm" in out.stderr
-    missing = _cli("--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "x"))
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "45 tensors mapped" in out.stdout and "local-crop CLS norm" in out.stderr
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--format", "hf", "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and len(err.strip().splitlines()) == 1
     spec, model = random_backbone(norm_layer="rmsnorm")
     bad = _checkpoint(tmp_path / "bad", spec, model)
-    refused = _cli("--checkpoint", str(bad), "--format", "hf", "--out", str(tmp_path / "y"))
-    assert refused.returncode == 2 and "norm_layer" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    assert main(["export", "--checkpoint", str(bad), "--format", "hf", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "norm_layer" in err and len(err.strip().splitlines()) == 1
 
 
 def test_the_processor_config_loads_and_matches_our_eval_transform_on_square_images(tmp_path):
