@@ -1,4 +1,4 @@
-"""``dino-bridge``: train | eval knn | quickstart | data.
+"""``dino-bridge``: train | eval knn | export | quickstart | data.
 
 Exit codes (every command): 0 finished; 2 a user error (config, paths, inputs); 3 non-finite losses;
 4 unreadable data; 5 a checkpoint write failed; 130 / 143 stopped by SIGINT / SIGTERM."""
@@ -32,10 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import data_cli
 
     data_cli.add_arguments(commands.add_parser("data", help="data tools: index-wsi, stats"))
+    from .export import cli as export_cli
+
+    export_cli.add_arguments(commands.add_parser("export", help="export a backbone: hf | torch"))
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
             return data_cli.main(args)
+        if args.command == "export":
+            return export_cli.main(args)
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)

@@ -488,7 +488,11 @@ def load_backbone_weights_(backbone: nn.Module, path: str | os.PathLike) -> Path
     from safetensors.torch import load_file
 
     source = backbone_weights_file(path)
-    state = load_file(str(source))
+    return load_backbone_state_(backbone, load_file(str(source)), source)
+
+
+def load_backbone_state_(backbone: nn.Module, state: dict[str, torch.Tensor], source: Path) -> Path:
+    """Load a full backbone state dict (``source`` names it in errors), sharded or not; strict."""
     shapes = {k: tuple(v.shape) for k, v in get_model_state_dict(backbone).items()}
     missing, unexpected = sorted(shapes.keys() - state.keys()), sorted(state.keys() - shapes.keys())
     resized = [

@@ -29,6 +29,7 @@ from ..distributed import dist
 from ..distributed.data_parallel import average_gradients_, broadcast_parameters_
 from ..distributed.device import Runtime
 from ..distributed.parallelize import DTYPES, ParallelPlan, build_mesh, parallelize
+from ..export.hf import is_hf_checkpoint, load_hf_backbone_
 from ..seeding import derive_seed
 from . import build
 from .checkpoint import (
@@ -341,7 +342,11 @@ def _initialise_from_pretrained(run: TrainingRun) -> None:
     if len(given) > 1:
         raise ConfigError("set only one of student.pretrained_weights and student.resume_from_teacher_chkpt")
     try:
-        source = load_backbone_weights_(run.student["backbone"], student_cfg[given[0]])
+        path, backbone = student_cfg[given[0]], run.student["backbone"]
+        if is_hf_checkpoint(path):  # Hugging Face DINOv3 weights (e.g. Meta's release)
+            source = load_hf_backbone_(backbone, path, build.backbone_spec(run.cfg))
+        else:
+            source = load_backbone_weights_(backbone, path)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"student.{given[0]}: {e}") from None
     copy_student_to_teacher_(run.teacher, run.student)
