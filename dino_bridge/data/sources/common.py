@@ -296,6 +296,27 @@ def ensure_index(
     return build_index(kind, paths, count_items, locations)
 
 
+class IndexedFiles:
+    """What the sources over many indexed files share: their length and the files left out of
+    the index. ``self.index`` is the source's ``ItemIndex``."""
+
+    index: ItemIndex
+
+    def require_items(self, holder: str, items: str) -> None:
+        """A clear error when no file contributed an item, naming why each was left out."""
+        if len(self.index) == 0:
+            problems = "; ".join(f"{p} ({why})" for p, why in self.index.unreadable.items())
+            raise ValueError(f"{holder} hold no {items}" + (f": {problems}" if problems else ""))
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """Files left out of the index: path -> reason."""
+        return self.index.unreadable
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
 def index_locations(beside: str, suffix: str, fallback_dir: str | None) -> list[str]:
     """Where an index lives: next to ``beside`` (``<beside><suffix>``), else in ``fallback_dir``
     (the run's output dir, in ``data_index/``) under ``beside``'s name and a hash of its full path."""

@@ -20,7 +20,14 @@ import os
 from PIL import Image
 
 from dino_bridge.data.images import ImageLoadError
-from dino_bridge.data.sources.common import OpenFiles, ensure_index, index_locations, read_path_list, require
+from dino_bridge.data.sources.common import (
+    IndexedFiles,
+    OpenFiles,
+    ensure_index,
+    index_locations,
+    read_path_list,
+    require,
+)
 
 DEFAULT_H5_KEY = "patches"
 
@@ -46,7 +53,7 @@ def _open_file(path: str):
     return _h5py().File(path, "r")
 
 
-class H5TileSource:
+class H5TileSource(IndexedFiles):
     """An ``ImageSource`` over the tiles of the HDF5 files listed in ``list_path``.
 
     ``index_dir`` is the fallback folder of the index (the run's output dir); ``build_index=False``
@@ -81,20 +88,8 @@ class H5TileSource:
             locations,
             build=build_index,
         )
-        if len(self.index) == 0:
-            problems = "; ".join(f"{p} ({why})" for p, why in self.index.unreadable.items())
-            raise ValueError(
-                f"the HDF5 files of {self.list_path!r} hold no tiles" + (f": {problems}" if problems else "")
-            )
+        self.require_items(f"the HDF5 files of {self.list_path!r}", "tiles")
         self._files = OpenFiles(_open_file, capacity=max_open_files)
-
-    @property
-    def unreadable(self) -> dict[str, str]:
-        """Files left out of the index: path -> reason."""
-        return self.index.unreadable
-
-    def __len__(self) -> int:
-        return len(self.index)
 
     def load(self, index: int) -> Image.Image:
         path, tile = self.index.locate(index)

@@ -25,7 +25,14 @@ import os
 from PIL import Image
 
 from dino_bridge.data.images import IMAGE_EXTENSIONS, ImageLoadError, decode_image
-from dino_bridge.data.sources.common import OpenFiles, ensure_index, index_locations, read_path_list, require
+from dino_bridge.data.sources.common import (
+    IndexedFiles,
+    OpenFiles,
+    ensure_index,
+    index_locations,
+    read_path_list,
+    require,
+)
 
 INDEX_SUFFIX = ".shardindex"
 
@@ -84,7 +91,7 @@ def image_member(sample: dict) -> str | None:
     return None
 
 
-class ShardSource:
+class ShardSource(IndexedFiles):
     """An ``ImageSource`` over the samples of WebDataset tar shards (see the module docstring)."""
 
     labels: list[int] | None = None
@@ -103,20 +110,8 @@ class ShardSource:
         self.paths, beside = resolve_shards(self.spec)
         locations = index_locations(beside, INDEX_SUFFIX, None if index_dir is None else os.fspath(index_dir))
         self.index = ensure_index("tar", self.paths, count_samples, locations, build=build_index)
-        if len(self.index) == 0:
-            problems = "; ".join(f"{p} ({why})" for p, why in self.index.unreadable.items())
-            raise ValueError(
-                f"the shards {self.spec!r} hold no samples" + (f": {problems}" if problems else "")
-            )
+        self.require_items(f"the shards {self.spec!r}", "samples")
         self._shards = OpenFiles(_open_shard, capacity=max_open_shards)
-
-    @property
-    def unreadable(self) -> dict[str, str]:
-        """Shards left out of the index: path -> reason."""
-        return self.index.unreadable
-
-    def __len__(self) -> int:
-        return len(self.index)
 
     def load(self, index: int) -> Image.Image:
         path, inner = self.index.locate(index)
