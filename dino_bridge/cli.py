@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as e:
         # the same exit codes and one-line messages as ``dino-bridge train``; the eval and data
         # tools report a bad input (a class missing from the train folder, k too large) as ValueError
-        from .train.args import EXIT_USER_ERROR, _report, exit_code
+        from .train.args import EXIT_USER_ERROR, exit_code, one_line
 
         code = exit_code(e)
         if code is None and isinstance(e, ValueError):
             code = EXIT_USER_ERROR
         if code is None:
             raise  # our own bug: the traceback is what a bug report needs
-        _report(e)
+        print(f"error: {one_line(e)}", file=sys.stderr)  # always on stderr, one line
         return code
 
 

@@ -42,8 +42,13 @@ def test_train_help_and_top_level_help():
     assert "quickstart" in _run([sys.executable, "-m", "dino_bridge.cli", "--help"]).stdout
 
 
-def test_every_command_reports_a_user_error_in_one_line_with_exit_2(tmp_path, capsys):
+def test_every_command_reports_a_user_error_in_one_line_with_exit_2(tmp_path, capsys, monkeypatch):
+    import logging
+
     from dino_bridge.cli import main
+
+    # earlier in-process trainings leave the console log set up: the error still reaches stderr
+    monkeypatch.setattr(logging.getLogger("dino_bridge"), "handlers", [logging.NullHandler()])
 
     cases = [
         ["eval", "knn", "--checkpoint", str(tmp_path / "nope"), "--train", "x", "--val", "y"],
