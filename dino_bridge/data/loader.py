@@ -8,6 +8,7 @@ the sampler object runs ahead of training because workers prefetch.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,17 @@ from torch.utils.data import DataLoader
 
 from dino_bridge.data.sampler import ShardedInfiniteSampler
 from dino_bridge.data.ssl_dataset import SSLTrainDataset
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A worker's ``worker_init_fn``: SIGINT and SIGTERM are the main process's to handle.
+
+    Ctrl-C, ``timeout`` and schedulers (SLURM, ``kill -TERM -<pgid>``) signal the whole process group.
+    A worker that died of it would crash the main process's graceful stop ("DataLoader worker exited
+    unexpectedly") before its checkpoint; ignoring them, the workers keep serving until the main
+    process shuts them down (or exits: the DataLoader's watchdog ends workers whose parent is gone)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_train_loader(
@@ -35,6 +47,7 @@ def build_train_loader(
     worker_options: dict[str, Any] = {}
     if num_workers > 0:
         worker_options["persistent_workers"] = True
+        worker_options["worker_init_fn"] = ignore_stop_signals
         if prefetch_factor is not None:
             worker_options["prefetch_factor"] = prefetch_factor
     return DataLoader(

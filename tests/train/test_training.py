@@ -116,20 +116,30 @@ def clean_run(images, tmp_path_factory) -> dict[int, list[float]]:
     return _losses(read_metrics(out))
 
 
-def _interrupt_after_first_checkpoint(out: Path, images: Path, sig: signal.Signals) -> subprocess.Popen:
+def _interrupt_after_first_checkpoint(
+    out: Path, images: Path, sig: signal.Signals, extra: tuple[str, ...] = (), group: bool = False
+) -> subprocess.Popen:
+    """Start a 12-iteration run, send ``sig`` once its first checkpoint exists, wait for it to end.
+
+    ``group``: signal the whole process group (the run's DataLoader workers too), as a terminal's
+    Ctrl-C, ``timeout`` or a scheduler's ``kill -TERM -<pgid>`` does."""
     victim = subprocess.Popen(
-        _cli(out, images, 12, 2),
+        _cli(out, images, 12, 2) + list(extra),
         env=ENV,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
     deadline = time.monotonic() + 120
     while find_latest_checkpoint(out / "ckpt") is None and victim.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.02)
-    victim.send_signal(sig)
+    if group:
+        os.killpg(victim.pid, sig)
+    else:
+        victim.send_signal(sig)
     victim.wait(timeout=120)
     return victim
 
@@ -162,6 +172,25 @@ def test_signal_stops_with_a_checkpoint_its_exit_code_and_resumes_exactly(
     stopped = json.loads((out / "run_summary.json").read_text())["stopped_at"]
     assert stopped is not None and 2 <= stopped < 12
     assert find_latest_checkpoint(out / "ckpt").name == str(stopped)  # the iteration it stopped at
+    subprocess.run(_cli(out, images, 12, 2), check=True, env=ENV, cwd=REPO, capture_output=True)
+    resumed = _losses(read_metrics(out))
+    for it in range(12):
+        assert resumed[it] == clean_run[it], f"iteration {it} (stopped at {stopped})"
+
+
+@pytest.mark.parametrize(
+    "sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_to_the_process_group_spares_the_data_workers(images, clean_run, tmp_path, sig, code):
+    """``timeout``, SLURM and Ctrl-C signal every process of the group: the DataLoader workers
+    must outlive it, so the run still stops after its checkpoint and resumes exactly."""
+    out = tmp_path / "group"
+    victim = _interrupt_after_first_checkpoint(out, images, sig, ("train.num_workers=2",), group=True)
+    stderr = victim.stderr.read()
+    assert victim.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and "worker" not in stderr.lower(), stderr[-3000:]
+    stopped = json.loads((out / "run_summary.json").read_text())["stopped_at"]
+    assert find_latest_checkpoint(out / "ckpt").name == str(stopped)
     subprocess.run(_cli(out, images, 12, 2), check=True, env=ENV, cwd=REPO, capture_output=True)
     resumed = _losses(read_metrics(out))
     for it in range(12):
