@@ -144,6 +144,21 @@ def test_a_txt_list_keeps_its_order_and_student_and_export_load(tmp_path, run_di
     assert code == 2 and "--which applies to checkpoints" in err
 
 
+def test_an_hf_directory_uses_its_processor_normalisation(tmp_path, run_dir, capsys):
+    from dino_bridge.export import write_hf
+
+    paths = _images(tmp_path / "imgs", 2)
+    teacher, spec = load_backbone(run_dir, "teacher")
+    write_hf(spec, teacher.state_dict(), tmp_path / "hf")  # rgb_mean/std live in preprocessor_config
+    args = ["--checkpoint", str(tmp_path / "hf"), "--images", str(tmp_path / "imgs"), "--out"]
+    code, _, err = _features([*args, str(tmp_path / "f.npy")], capsys)
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(tmp_path / "f.npy")[0], _alone(teacher, spec, paths[0]), atol=1e-4)
+    (tmp_path / "hf" / "preprocessor_config.json").unlink()
+    code, _, err = _features([*args, str(tmp_path / "g.npy")], capsys)
+    assert code == 2 and "no preprocessor_config.json: the image normalisation" in err
+
+
 def test_pooled_features_kinds():
     cls, patches = torch.randn(2, 4), torch.randn(2, 6, 4)
     outputs = {"x_norm_clstoken": cls, "x_norm_patchtokens": patches}
