@@ -35,12 +35,17 @@ def main(argv: list[str] | None = None) -> int:
     from .export import cli as export_cli
 
     export_cli.add_arguments(commands.add_parser("export", help="export a backbone: hf | torch"))
+    from .eval import run_features
+
+    run_features.add_arguments(commands.add_parser("features", help="image features as .npy, PCA picture"))
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
             return data_cli.main(args)
         if args.command == "export":
             return export_cli.main(args)
+        if args.command == "features":
+            return run_features.main(args)
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)
