@@ -303,6 +303,24 @@ class DTCHConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """NEW: online evaluation during training (off by default: the seed YAML has no such section).
+
+    Every ``knn_period`` iterations the teacher backbone embeds two small labelled image sets
+    and a weighted kNN (DINO protocol) reports top-1 / top-5 in metrics.jsonl (``knn/*``)."""
+
+    knn_period: int = 0  # iterations between evaluations; 0: off
+    knn_train: str | None = None  # an image folder (class = subfolder) or a demo spec (fashion-mnist:train)
+    knn_val: str | None = None  # the same kinds (fashion-mnist:test); classes matched by name
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_limit_train: int | None = 5000  # a seeded subset of this many train images (null: all)
+    knn_limit_val: int | None = 1000  # and of val images
+    knn_batch_size: int = 64  # images per forward, per rank
+    knn_num_workers: int = 0  # image-loading processes per rank
+
+
+@dataclass
 class Config:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     compute_precision: ComputePrecisionConfig = field(default_factory=ComputePrecisionConfig)
@@ -322,3 +340,4 @@ class Config:
     data: dict[str, DataSourceConfig] = field(default_factory=dict)
     resize_shuffle_augmentor: ResizeShuffleConfig = field(default_factory=ResizeShuffleConfig)
     dtch: DTCHConfig = field(default_factory=DTCHConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

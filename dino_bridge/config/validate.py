@@ -212,6 +212,20 @@ class OneSource(Rule):
         return f"config key '{key}' sets {shown}; {self.describe(cfg)}"
 
 
+def labelled_set() -> Rule:
+    """A labelled image set of the online kNN: required while ``evaluation.knn_period`` > 0 (whether
+    the folder exists is checked when training starts, not when a config loads)."""
+
+    def allowed(cfg):
+        demos = ", ".join(f"{n}[:split]" for n in _demo_names())
+        return (
+            f"allowed: an image folder with class subfolders or a demo dataset ({demos}) while"
+            f" evaluation.knn_period is {cfg.evaluation.knn_period}"
+        )
+
+    return Rule(lambda value, cfg: value not in (None, "") or int(cfg.evaluation.knn_period) == 0, allowed)
+
+
 def _heads(cfg) -> int:
     from ..models.vit import ARCHS
 
@@ -444,6 +458,16 @@ RULES: dict[str, Rule] = {
     "dtch.boost_divisor": _POSITIVE,
     "dtch.boost_eps": number(0),
     "dtch.logit_clamp": number(-30, 60, lo_open=True),  # the lower clamp is fixed at -30
+    # -- online evaluation (evaluation.knn_period before the sets it requires)
+    "evaluation.knn_period": integer(0),  # 0: off
+    "evaluation.knn_train": labelled_set(),
+    "evaluation.knn_val": labelled_set(),
+    "evaluation.knn_k": _COUNT,
+    "evaluation.knn_temperature": _POSITIVE,
+    "evaluation.knn_limit_train": integer(1, null=True),
+    "evaluation.knn_limit_val": integer(1, null=True),
+    "evaluation.knn_batch_size": _COUNT,
+    "evaluation.knn_num_workers": integer(0),
 }
 
 

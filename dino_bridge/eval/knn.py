@@ -79,3 +79,36 @@ def knn_accuracy(
             predicted = knn_predict_scores(sims, labels, num_classes, min(k, max_k), temperature).argmax(1)
             correct[k] += int((predicted == truth).sum())
     return {k: 100.0 * correct[k] / test_features.shape[0] for k in ks}
+
+
+@torch.no_grad()
+def knn_top_accuracy(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    k: int,
+    num_classes: int,
+    temperature: float = 0.07,
+    tops: tuple[int, ...] = (1, 5),
+    query_chunk: int = 1024,
+    train_chunk: int = 65536,
+) -> dict[int, float]:
+    """Top-t accuracy (in %) of the k-NN vote for each t in ``tops``: a query counts as correct when
+    its class is among the t classes with the largest summed weight (t clipped to C classes; k to N).
+    Features must be L2-normalised rows; labels index ``num_classes`` classes."""
+    if train_features.shape[0] == 0 or test_features.shape[0] == 0:
+        raise ValueError("kNN needs at least one train and one test feature")
+    k = min(k, train_features.shape[0])
+    correct = dict.fromkeys(tops, 0)
+    for start in range(0, test_features.shape[0], query_chunk):
+        queries = test_features[start : start + query_chunk]
+        truth = test_labels[start : start + query_chunk]
+        sims, idx = topk_neighbours(queries, train_features, k, train_chunk)
+        scores = knn_predict_scores(sims, train_labels[idx], num_classes, k, temperature)
+        ranked = scores.topk(min(max(tops), num_classes), dim=1).indices  # [Q, t] best class first
+        hits = ranked == truth[:, None]
+        for t in tops:
+            correct[t] += int(hits[:, :t].any(dim=1).sum())
+    return {t: 100.0 * correct[t] / test_features.shape[0] for t in tops}

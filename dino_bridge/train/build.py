@@ -28,6 +28,7 @@ from ..data.invariance import InvarianceSettings, InvarianceViews
 from ..distributed.parallelize import ParallelPlan
 from ..models import DINOHead, build_vit
 from ..models.bridge import InversePatchEmbed
+from .online_eval import knn_set_problems
 from .optim import OptimSettings, build_optimizer, build_param_groups
 from .schedules import ScheduleSpec, TrainingSchedules, build_training_schedules, loss_weight_factor, lr_scale
 from .sources import SOURCE_KEYS, open_source
@@ -287,7 +288,7 @@ def check_streams(cfg: DictConfig) -> list[FeatureProblem]:
 
 def config_problems(cfg: DictConfig) -> list[FeatureProblem]:
     """Everything that stops this config from running, found before anything is built."""
-    return find_problems(cfg) + check_streams(cfg)
+    return find_problems(cfg) + check_streams(cfg) + knn_set_problems(cfg)
 
 
 def check_config(cfg: DictConfig) -> None:

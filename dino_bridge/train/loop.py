@@ -1,7 +1,7 @@
 """The training loop. One iteration reads top to bottom:
 
     batch → teacher targets → student outputs → losses → backward → gradient sync → clip
-          → (skip if non-finite on any rank) → step → EMA → log → checkpoint
+          → (skip if non-finite on any rank) → step → EMA → (online kNN) → log → checkpoint
 
 Every random draw of iteration ``it`` on rank ``r`` comes from generators seeded with
 (seed, r, it) — the data pipeline's from (seed, r, stream position) — so a resumed run repeats an
@@ -43,6 +43,7 @@ from .ema import copy_student_to_teacher_, ema_update_
 from .feed import BatchFeed
 from .meta_arch import SSLMetaArch
 from .metrics import MetricsFile, StepTimer, format_record, peak_memory_mb, progress_bar, setup_logging
+from .online_eval import build_online_knn
 from .optim import apply_schedules
 from .run_dir import RunDir
 from .signals import GracefulStop
@@ -375,6 +376,7 @@ def _loop(run: TrainingRun, feed: BatchFeed, start_iter: int, warmup_batches: in
     metrics = MetricsFile(run.output_dir / "metrics.jsonl", start_iter, enabled=runtime.is_main)
     timer, bar = StepTimer(), progress_bar(run.end_iter, start_iter, runtime.is_main)
     skipped = SkippedImages(runtime.device)
+    knn, shown_knn = build_online_knn(cfg, runtime.device), {}
     streak, record, last_ckpt, stopped_at = 0, {}, None, None
     with GracefulStop() as stop:
         for it in range(start_iter, run.end_iter):
@@ -382,19 +384,25 @@ def _loop(run: TrainingRun, feed: BatchFeed, start_iter: int, warmup_batches: in
             batch = feed.next(it)
             timer.add_data_wait(time.perf_counter() - t0)
             skipped.note(batch.get("skipped", []))
-            logs_now = (it + 1) % log_period == 0 or it + 1 == run.end_iter or it == start_iter
+            evaluates = knn.due(it)  # collective: every rank at the same iterations
+            logs_now = (it + 1) % log_period == 0 or it + 1 == run.end_iter or it == start_iter or evaluates
             step = train_step(run, build.move_batch(batch, runtime.device), it, log_diagnostics=logs_now)
             streak = streak + 1 if step.skipped else 0
             if step.skipped:
                 _warn_skipped_step(run, it, step, streak, last_ckpt)
+            figures = knn(run.teacher["backbone"], it, lambda: _autocast(run)) if evaluates else {}
+            timer.exclude(figures.get("knn/seconds", 0.0))  # not part of the step's throughput
             timer.steps += 1
             bar.update(1)
             if logs_now:
-                record = _log_record(run, it, step, timer, skipped.total())
+                record = _log_record(run, it, step, timer, skipped.total(), figures)
                 metrics.write(record)
                 logger.info(format_record(record))
+                shown_knn.update({"knn": f"{figures['knn/top1']:.1f}%"} if "knn/top1" in figures else {})
                 bar.set_postfix(
-                    loss=f"{record['total_loss']:.3f}", data=f"{100 * record['data_wait_share']:.0f}%"
+                    loss=f"{record['total_loss']:.3f}",
+                    data=f"{100 * record['data_wait_share']:.0f}%",
+                    **shown_knn,
                 )
                 timer.reset()
             if dist.any_rank(stop.requested, runtime.device):  # every rank stops at the same iteration
@@ -448,8 +456,11 @@ def _warn_skipped_step(run: TrainingRun, it: int, step: StepResult, streak: int,
         )
 
 
-def _log_record(run: TrainingRun, it: int, step: StepResult, timer: StepTimer, skipped_images: int) -> dict:
-    """One metrics.jsonl record: losses averaged over ranks, weights, schedules, norms, throughput."""
+def _log_record(
+    run: TrainingRun, it: int, step: StepResult, timer: StepTimer, skipped_images: int, figures: dict
+) -> dict:
+    """One metrics.jsonl record: losses averaged over ranks, weights, schedules, norms, throughput,
+    and the online evaluation's ``figures`` when it ran at this iteration (the same on every rank)."""
     sec_per_step, data_share, _ = timer.summary()
     images_per_step = int(run.cfg.train.batch_size_per_gpu) * run.runtime.world_size
     extra = {
@@ -465,6 +476,7 @@ def _log_record(run: TrainingRun, it: int, step: StepResult, timer: StepTimer, s
     for name in run.meta.plan(it).assigners:  # the instances this step called
         for key, value in run.meta.assigners[name].diagnostics().items():
             extra[f"{kind}/{name}/{key}"] = value
+    extra.update(figures)
     return _reduced_record(run, it, step, extra)
 
 

@@ -98,6 +98,10 @@ class StepTimer:
     def add_data_wait(self, seconds: float) -> None:
         self.data_wait += seconds
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent outside the steps (the online evaluation) out of the window."""
+        self.start += seconds
+
     def summary(self) -> tuple[float, float, float]:
         """(seconds per step, data-wait share in [0, 1], steps) since the last reset."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
@@ -124,9 +128,10 @@ def format_record(record: dict) -> str:
     losses = " ".join(
         f"{k.replace('_loss', '').replace('_crops', '')}={record[k]:.4f}" for k in keys if k in record
     )
+    knn = " ".join(f"{k.split('/')[1]}={v:.1f}%" for k, v in record.items() if k.startswith("knn/top"))
     return (
         f"it {record['iteration']} | {losses} | lr={record['lr']:.3g} T={record['teacher_temp']:.3f}"
         f" mom={record['mom']:.4f} | {record['images_per_sec']:.1f} img/s,"
         f" data {100 * record['data_wait_share']:.0f}% | mem {record['max_mem_mb']:.0f} MB"
-        f" | skipped {record['skipped_images']}"
+        f" | skipped {record['skipped_images']}" + (f" | knn {knn}" if knn else "")
     )

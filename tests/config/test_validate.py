@@ -122,6 +122,16 @@ BAD_OVERRIDES = [
     ("crops.rgb_std=[0.2,0.2,0]", "crops.rgb_std"),
     ("teacher.momentum_teacher=2", "teacher.momentum_teacher"),
     ("dino.koleo_cls_loss_wieght=1", "dino.koleo_cls_loss_wieght"),  # unknown key
+    # online evaluation
+    ("evaluation.knn_period=-1", "evaluation.knn_period"),
+    ("evaluation.knn_period=5", "evaluation.knn_train"),  # on, without its labelled sets
+    ("evaluation.knn_k=0", "evaluation.knn_k"),
+    ("evaluation.knn_temperature=0", "evaluation.knn_temperature"),
+    ("evaluation.knn_limit_train=0", "evaluation.knn_limit_train"),
+    ("evaluation.knn_limit_val=-3", "evaluation.knn_limit_val"),
+    ("evaluation.knn_batch_size=0", "evaluation.knn_batch_size"),
+    ("evaluation.knn_num_workers=-1", "evaluation.knn_num_workers"),
+    ("evaluation.knn_period=often", "evaluation.knn_period"),
 ]
 
 # (file content, what the message must name): malformed YAML names the file and the line.
@@ -205,8 +215,16 @@ def test_good_values_at_the_edges_pass():
             "optim.clip_grad=0",
             "resize_shuffle_augmentor.bridge_global_weight=0.5",
             "ibot.mask_ratio_min_max=[0,1]",
+            "evaluation.knn_period=1",
+            "evaluation.knn_train=fashion-mnist",
+            "evaluation.knn_val=fashion-mnist:test",
+            "evaluation.knn_limit_train=null",
+            "evaluation.knn_num_workers=0",
         ],
     )
+    needed = r"'evaluation.knn_val' is None; .* while evaluation.knn_period is 1"
+    with pytest.raises(ConfigError, match=needed):
+        load_config(SEED_YAML, ["evaluation.knn_period=1", "evaluation.knn_train=fashion-mnist"])
 
 
 NUMERIC = (int, float, list, typing.Any)

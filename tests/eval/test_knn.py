@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from dino_bridge.eval.knn import knn_accuracy, topk_neighbours
+from dino_bridge.eval.knn import knn_accuracy, knn_top_accuracy, topk_neighbours
 from tests.helpers import REPO, make_image_folder, run_training, tiny_config
 
 
@@ -37,6 +37,47 @@ def test_knn_matches_a_brute_force_oracle():
     for k in (1, 10, 20):
         assert got[k] == pytest.approx(_oracle(train, train_labels, test, test_labels, k, 0.07))
     assert 40 < got[20] <= 100  # the clusters are separable: far above chance (25 %)
+
+
+def _oracle_top(train, train_labels, test, test_labels, k, temperature, top, num_classes):
+    """Brute force top-t: the class is among the t largest summed weights exp(sim / T)."""
+    correct = 0
+    for x, y in zip(test, test_labels):
+        sims = train @ x
+        scores = torch.zeros(num_classes, dtype=torch.float64)
+        for i in sims.argsort(descending=True)[:k].tolist():
+            scores[int(train_labels[i])] += float((sims[i] / temperature).exp())
+        correct += int(int(y) in scores.argsort(descending=True)[:top].tolist())
+    return 100.0 * correct / len(test)
+
+
+def test_top5_knn_matches_a_brute_force_oracle():
+    g = torch.Generator().manual_seed(2)
+    centers = torch.randn(8, 16, generator=g)
+    train_labels = torch.randint(0, 8, (200,), generator=g)
+    test_labels = torch.randint(0, 8, (61,), generator=g)
+    norm = torch.nn.functional.normalize
+    train = norm(centers[train_labels] + 1.5 * torch.randn(200, 16, generator=g), dim=1)
+    test = norm(centers[test_labels] + 1.5 * torch.randn(61, 16, generator=g), dim=1)
+    got = knn_top_accuracy(
+        train,
+        train_labels,
+        test,
+        test_labels,
+        k=20,
+        num_classes=8,
+        tops=(1, 5),
+        query_chunk=9,
+        train_chunk=33,
+    )
+    for top in (1, 5):
+        expected = _oracle_top(train, train_labels, test, test_labels, 20, 0.07, top, 8)
+        assert got[top] == pytest.approx(expected), top
+    assert got[1] == pytest.approx(knn_accuracy(train, train_labels, test, test_labels, ks=(20,))[20])
+    assert got[1] < got[5] < 100  # noisy clusters: top-5 strictly easier, not trivial with 8 classes
+    # fewer classes than 5: top-5 is clipped to every class, hence always right
+    two = knn_top_accuracy(train, train_labels % 2, test, test_labels % 2, k=20, num_classes=2)
+    assert two[5] == 100.0
 
 
 def test_chunking_does_not_change_the_neighbours():
