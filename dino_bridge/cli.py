@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from .eval import run_features
 
     run_features.add_arguments(commands.add_parser("features", help="image features as .npy, PCA picture"))
+    from .report import cli as report_cli
+
+    report_cli.add_arguments(commands.add_parser("report", help="figures and an HTML page of a run"))
     args = parser.parse_args(argv)
     try:
         if args.command == "data":
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_cli.main(args)
         if args.command == "features":
             return run_features.main(args)
+        if args.command == "report":
+            return report_cli.main(args)
         if args.command == "eval":
             return run_knn.main(args)
         return quickstart.main(args)

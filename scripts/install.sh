@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything dino_bridge needs, from scratch: the Fashion-MNIST demo data (Debian package
-# dataset-fashion-mnist), a virtual environment in .venv, and the package with its dev and data extras.
+# dataset-fashion-mnist), a virtual environment in .venv, and the package with its dev, data and report extras.
 # Safe to re-run. Set PYTHON to choose the interpreter (3.10 or newer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# the optional data sources' extras too, so their tests run (and bench_data's photos for its test)
-.venv/bin/python -m pip install -q -e ".[dev,h5,wsi,shards,bench]"
+# the optional data sources' extras too, so their tests run (and bench_data's photos for its test),
+# and matplotlib for dino-bridge report
+.venv/bin/python -m pip install -q -e ".[dev,h5,wsi,shards,bench,report]"
 .venv/bin/python -c "import dino_bridge, torch; print('dino_bridge installed; torch', torch.__version__)"
