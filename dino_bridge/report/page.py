@@ -12,7 +12,7 @@ from html import escape
 import numpy as np
 
 from .records import RunRecords, flatten_scalars
-from .series import WEIGHT_SUFFIX, FigureSpec, contribution_series, last_value, loss_terms
+from .series import WEIGHT_SUFFIX, FigureSpec, last_value, loss_terms, term_series
 
 STYLE = """
 body { font-family: sans-serif; margin: 1.5em auto; max-width: 1150px; color: #222; }
@@ -51,7 +51,7 @@ def losses_table(records: Sequence[dict]) -> str:
     rows = []
     for term in loss_terms(keys):
         value, weight = last_value(records, term), last_value(records, term + WEIGHT_SUFFIX)
-        _, contributions = contribution_series(records, term)
+        _, contributions = term_series(records, term, weighted=True)
         finite = contributions[np.isfinite(contributions)]
         rows.append([
             term,

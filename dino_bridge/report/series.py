@@ -75,9 +75,10 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
 
-def contribution_series(records: Sequence[dict], term: str) -> tuple[np.ndarray, np.ndarray]:
-    """(iterations, ``term * term_weight``) over the records that hold the weight: 0 where the
-    weight is 0 and the term did not run, NaN where a non-zero weight has no value."""
+def term_series(records: Sequence[dict], term: str, weighted: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(iterations, values) of a loss term over the records that hold its weight. Unweighted: NaN
+    (a gap) where the term did not run. Weighted, ``term * term_weight``: 0 where the weight is 0
+    and the term did not run, NaN where a non-zero weight has no value."""
     x, y = [], []
     for record in records:
         weight = as_number(record.get(term + WEIGHT_SUFFIX))
@@ -85,10 +86,10 @@ def contribution_series(records: Sequence[dict], term: str) -> tuple[np.ndarray,
             continue
         value = as_number(record.get(term))
         x.append(record["iteration"])
-        if value is not None:
-            y.append(value * weight)
+        if value is None:
+            y.append(0.0 if weighted and weight == 0 else math.nan)
         else:
-            y.append(0.0 if weight == 0 else math.nan)
+            y.append(value * weight if weighted else value)
     return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
 
 
@@ -150,9 +151,10 @@ def losses_figure(records: Sequence[dict], keys: Sequence[str]) -> FigureSpec | 
     if not terms:
         return None
     total = [_line(records, TOTAL)] if TOTAL in keys else []
-    contributions = [Line(t, *contribution_series(records, t)) for t in terms]
+    unweighted = [Line(t, *term_series(records, t, weighted=False)) for t in terms]
+    contributions = [Line(t, *term_series(records, t, weighted=True)) for t in terms]
     panels = (
-        _panel("loss terms (unweighted)", [_line(records, t) for t in terms]),
+        _panel("loss terms (unweighted; gaps where a term did not run)", unweighted),
         _panel("weighted contributions (term × weight)", [*contributions, *total]),
         _panel("effective weights", [_line(records, t + WEIGHT_SUFFIX, t) for t in terms]),
     )

@@ -8,7 +8,7 @@ import pytest
 
 from dino_bridge.report.page import render_page
 from dino_bridge.report.records import RunRecords
-from dino_bridge.report.series import build_figure_specs, contribution_series, loss_terms
+from dino_bridge.report.series import build_figure_specs, loss_terms, term_series
 
 
 def synthetic_records(n=6):
@@ -66,8 +66,9 @@ def test_an_invented_loss_term_is_found_by_the_naming_rule():
     losses = _spec(build_figure_specs(records), "losses")
     unweighted, weighted, weights = losses.panels
     foo = _line(unweighted, "foo/bar_loss")
-    assert foo.x.tolist() == [0, 1, 3, 4, 5]  # not at the gated iteration
-    x, contribution = contribution_series(records, "foo/bar_loss")
+    assert foo.x.tolist() == list(range(6))
+    assert np.isnan(foo.y[2]) and foo.y[[0, 1, 3, 4, 5]].tolist() == [1, 2, 4, 5, 6]  # a gap where gated
+    x, contribution = term_series(records, "foo/bar_loss", weighted=True)
     assert x.tolist() == list(range(6))
     assert contribution.tolist() == [0.25, 0.5, 0.0, 1.0, 1.25, 1.5]  # value x weight; 0 when gated
     assert np.array_equal(_line(weighted, "foo/bar_loss").y, contribution)
@@ -110,3 +111,16 @@ def test_the_page_lists_the_invented_term_and_the_final_values(tmp_path):
     assert "<td>knn_after</td><td>71.25</td>" in page
     assert "&lt;vit&gt;" in page and "<details>" in page  # the config, escaped, collapsible
     assert "incomplete" in page  # the partial last line is said
+
+
+def test_every_figure_of_the_synthetic_run_is_drawn(tmp_path):
+    from PIL import Image
+
+    from dino_bridge.report.figures import draw_figures
+
+    specs = build_figure_specs(synthetic_records())
+    paths = draw_figures(specs, tmp_path)
+    assert [p.name for p in paths] == [f"{s.name}.png" for s in specs]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.format == "PNG" and image.width >= 500
