@@ -203,7 +203,7 @@ def knn_figure(records: Sequence[dict], keys: Sequence[str]) -> FigureSpec | Non
     """Accuracy-like kNN keys (``top``/``acc`` in the name) share a panel; any other its own."""
     found = knn_keys(keys)
     accuracy = [k for k in found if "top" in k or "acc" in k]
-    panels = [_panel("online kNN accuracy", [_line(records, k) for k in accuracy], markers=True)]
+    panels = [_panel("online kNN accuracy", [_line(records, k) for k in accuracy], ylabel="%", markers=True)]
     panels += [_panel(k, [_line(records, k)], markers=True) for k in found if k not in accuracy]
     return _figure("knn", "Online kNN evaluation", panels, found)
 

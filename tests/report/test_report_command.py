@@ -19,9 +19,17 @@ DTCH_STATS = ("history_entropy", "protos_used_soft", "protos_used_sharp", "targe
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("report_run")
-    images = make_image_folder(root / "images", n=16)
-    windows = ["dtch.cls_hist_cache=16", "dtch.patch_hist_cache=60"]  # a short DTCH warm-up
-    run_training(tiny_config(images, iterations=4, period=4, extra=windows), root / "run")
+    images = make_image_folder(root / "images", n=12, classes=3)
+    val = make_image_folder(root / "val", n=6, classes=3, seed=1)
+    extra = [
+        "dtch.cls_hist_cache=16",  # a short DTCH warm-up
+        "dtch.patch_hist_cache=60",
+        "evaluation.knn_period=2",  # online kNN at iterations 1 and 3
+        f"evaluation.knn_train={images}",
+        f"evaluation.knn_val={val}",
+        "evaluation.knn_k=5",
+    ]
+    run_training(tiny_config(images, iterations=4, period=4, extra=extra), root / "run")
     return root / "run"
 
 
@@ -35,10 +43,10 @@ def test_the_command_on_a_real_run_gives_every_figure_and_the_page(run_dir, tmp_
     assert main(["report", str(run_dir), "--out", str(tmp_path / "out")]) == 0
     page = tmp_path / "out" / "index.html"
     out = capsys.readouterr().out
-    assert out.startswith(f"report: {page} (8 figures: losses.png, schedules.png, throughput.png")
+    assert out.startswith(f"report: {page} (9 figures: losses.png, schedules.png, throughput.png")
     paths = sorted((tmp_path / "out").glob("*.png"))
     names = {p.stem for p in paths}
-    assert names == {"losses", "schedules", "throughput", "memory", "skipped", "grad_norms",
+    assert names == {"losses", "schedules", "throughput", "memory", "skipped", "knn", "grad_norms",
                      "dtch_dino_cls", "dtch_ibot_patch"}  # fmt: skip
     for path in paths:
         with Image.open(path) as image:
@@ -48,6 +56,8 @@ def test_the_command_on_a_real_run_gives_every_figure_and_the_page(run_dir, tmp_
     assert sorted(sources) == [p.name for p in paths]  # relative: the folder can be moved or served
     for term in ("dino_local_crops_loss", "ibot_loss", "koleo_loss_cls", "koleo_loss_patch"):
         assert f"<td>{term}</td>" in html  # in the final values, found by the naming rule
+    for key in ("knn/top1", "knn/top5", "knn/seconds"):  # the online kNN, found by its prefix
+        assert f"<td>{key}</td>" in html
     for stat in DTCH_STATS:
         assert f"<td>dtch/dino_cls/{stat}</td>" in html
     assert "ffn_layer: swiglu64" in html  # the resolved config
