@@ -55,6 +55,7 @@ RUN_FILES = (
     "train.log",
     "run_summary.json",
     "quickstart_results.json",
+    "report",
 )
 IGNORED_KEYS = frozenset({"train.output_dir"})  # where the run lives, not what it is
 

@@ -24,7 +24,10 @@ from tests.helpers import (
 )
 
 ITERATIONS = 6
-OVERRIDES: list[str] = []
+# LayerScale 0.1 instead of the smoke config's 1e-5: at 1e-5 the blocks add almost nothing, the CLS
+# features of different images nearly coincide and KoLeo's -log(distance) turned the last-bit
+# differences between CPUs' kernels into 0.3 % (an AMD EPYC against the machine that wrote the file)
+OVERRIDES: list[str] = ["student.layerscale=0.1"]
 OUT = Path(__file__).with_name("tiny_run_losses.json")
 
 

@@ -62,7 +62,8 @@ def test_streams_with_zero_weights_cost_nothing_and_keep_the_golden_losses(image
     weights = {k: 0.0 for k in ("resize_paste_loss_weight", "patch_shuffle_loss_weight")}
     weights |= {"bridge_global_weight": 0.0, "bridge_patchshuffle_weight": 0.0}
     weights |= {"patch_shuffle_patch_weight": 1.0, "patch_shuffle_cls_weight": 1.0}
-    cfg = tiny_config(images, iterations=golden["iterations"], period=100, extra=stream_overrides(weights))
+    extra = golden["overrides"] + stream_overrides(weights)
+    cfg = tiny_config(images, iterations=golden["iterations"], period=100, extra=extra)
     calls = _count_forwards(monkeypatch)
     built = []
     original_start = feed_module.BatchFeed.start
