@@ -8,8 +8,10 @@ is a full RGB→HSV→HSV→RGB round trip with stacks and a gather, and the blu
 Here the crop is converted to float once, after the resized crop, and stays float through colour
 jitter, grayscale, blur, solarize and normalisation:
 
-- brightness, contrast, saturation: the same blends, clamped to [0, 1] after each (as torchvision
-  clamps), without the uint8 rounding in between;
+- brightness, contrast, saturation, grayscale: the same blends, clamped to [0, 1], and floored to
+  the uint8 levels after each as torchvision's uint8 ops truncate (``floor_levels_``; without it
+  the fast views would be ≈ 1 level brighter on average); contrast's and saturation's grey is
+  floored too, as there;
 - hue: the same HSV hue rotation, computed without building HSV: with M = max, m = min and
   C = M − m of a pixel and its hue H' (in sixths of the circle, shifted), channel n ∈ {R: 5, G: 3,
   B: 1} is ``M − C·clamp(min(k, 4 − k), 0, 1)`` with ``k = (n + H') mod 6`` (the standard closed
@@ -18,9 +20,9 @@ jitter, grayscale, blur, solarize and normalisation:
 - solarize: ``x ≥ 128/255 → 1 − x`` (the uint8 threshold 128);
 - normalise: one multiply-add with 1/std and −mean/std.
 
-The outputs differ from the reference by the rounding the reference does between ops (at most a few
-uint8 steps; the uint8 blends truncate, so the reference is biased ≈ −0.5/255 per blend), never in
-the random decisions, which both pipelines take from the same ``PixelOps``.
+The outputs differ from the reference by the rounding the reference does after its hue shift and
+blur (unbiased, half a level each) and what that rounding changes downstream (a few levels at
+most), never in the random decisions, which both pipelines take from the same ``PixelOps``.
 """
 
 from __future__ import annotations
@@ -42,20 +44,27 @@ LUMA = (0.2989, 0.587, 0.114)
 _HUE_CENTRES = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)
 
 
+def floor_levels_(image: torch.Tensor) -> torch.Tensor:
+    """In place: down to the uint8 level below (what a float → uint8 cast does), values in [0, 1].
+
+    The 1e-3 of a level absorbs float error on values that are exact levels already."""
+    return image.mul_(255.0).add_(1e-3).floor_().mul_(1.0 / 255.0)
+
+
 def grayscale(image: torch.Tensor) -> torch.Tensor:
-    """float [3, h, w] → the luma [1, h, w]."""
+    """float [3, h, w] → the luma [1, h, w], floored to the uint8 levels."""
     r, g, b = image.unbind(0)
-    return (r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(0)
+    return floor_levels_((r * LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(0))
 
 
 def _blend_(image: torch.Tensor, other: torch.Tensor | float, ratio: float) -> torch.Tensor:
-    """In place: ratio·image + (1 − ratio)·other, clamped to [0, 1]."""
+    """In place: ratio·image + (1 − ratio)·other, clamped to [0, 1] and floored to the levels."""
     image.mul_(ratio)
     if isinstance(other, torch.Tensor):
         image.add_(other, alpha=1.0 - ratio)
     else:
         image.add_((1.0 - ratio) * other)
-    return image.clamp_(0.0, 1.0)
+    return floor_levels_(image.clamp_(0.0, 1.0))
 
 
 def adjust_hue(image: torch.Tensor, hue: float) -> torch.Tensor:
@@ -85,7 +94,7 @@ def apply_color_jitter(image: torch.Tensor, params: ColorJitterParams) -> torch.
     """The jitter of ``params`` in its order, on a float image (modified in place where possible)."""
     for op in params.order:
         if op == 0:
-            image = image.mul_(params.brightness).clamp_(0.0, 1.0)
+            image = floor_levels_(image.mul_(params.brightness).clamp_(0.0, 1.0))
         elif op == 1:
             mean = float(grayscale(image).mean())
             image = _blend_(image, mean, params.contrast)
