@@ -1,12 +1,18 @@
 """Images per second per CPU core of the data pipeline: ours against the torchvision baseline.
 
     python benchmarks/bench_data.py                    # JPEG + HDF5, 1, 2 and all workers, 3 repeats
-    python benchmarks/bench_data.py --profile          # + a cProfile breakdown of ours
+    python benchmarks/bench_data.py --profile          # + a cProfile breakdown of ours (both pipelines)
     python benchmarks/bench_data.py --quick            # a seconds-long smoke run
 
-The view set is the seed recipe's core one (configs/dinov3_vitlarge_pretrain.yaml as written):
-2 global crops of 224 and 8 local crops of 96 with their photometric ops, and iBOT masks for the
-global crops. The invariance views (Crop-Resize, PatchRoll) are NOT included yet.
+The view set (``--views full``, the default) is the seed recipe's (configs/dinov3_vitlarge_pretrain.yaml):
+2 global crops of 224 and 8 local crops of 96 with their photometric ops, iBOT masks for the global
+crops, and the invariance views of the Crop-Resize and PatchRoll streams as the trainer builds them
+with both streams on (``invariance_kinds = {raw, resizepaste}``): the two sources r (a global crop's
+geometry with fresh photometric ops) and o (the whole image at 224), their normalised raw views, their
+ResizePaste views, their roll offsets, and the collate's resize-paste, shift and alignment masks (the
+rolled images themselves are made on the device). ``--views core`` leaves the invariance views out.
+The baseline has no invariance views (the reference fork's torchvision pipeline has no such views in
+its per-view Compose), so "ours (full) ÷ baseline (core)" understates our speed-up.
 
 Data, made at bench time in a temporary folder (never committed): JPEGs of ImageNet-like size
 (500×375 or 375×500, quality 90) cut from the real photos shipped in the scikit-image and
@@ -16,14 +22,16 @@ two uncompressed files) cut the same way.
 Pipelines, side by side in one run, alternated (their order flips every repeat):
 - baseline: PIL decode + one torchvision-transforms Compose per view, DINOv2-style collate and
   block mask generator (``benchmarks/_baseline_data.py``), an infinite random sampler;
-- ours: what the trainer builds (``train.build.build_loader``: SSLTrainDataset + MultiCropAugmentation
-  + MultiCropCollate + ShardedInfiniteSampler) over ``ImageListDataset`` / ``H5TileSource``.
+- reference, fast: what the trainer builds (``train.build.build_loader``: SSLTrainDataset +
+  MultiCropAugmentation + InvarianceViews + MultiCropCollate + ShardedInfiniteSampler) over
+  ``ImageListDataset`` / ``H5TileSource``, with ``crops.view_pipeline`` = reference (torchvision's
+  uint8 ops, the default) or fast (``data/fast_ops.py``).
 
 Both use a DataLoader with W worker processes (persistent, prefetch 2) and the same batch size; the
 main process only drains it. OMP_NUM_THREADS=1 (and one torch thread) everywhere. Rate: with W
 workers the batches arrive in rounds of W; the clock runs from the end of the first round over
 ``--rounds`` more rounds, so worker start-up is not counted. Per core = images/s ÷ W. The reported
-figure is the median over repeats; the ratio is ours ÷ baseline.
+figure is the median over repeats; the ratios are fast ÷ baseline and fast ÷ reference.
 """
 
 from __future__ import annotations
@@ -62,6 +70,8 @@ from dino_bridge.config import load_config  # noqa: E402
 
 SEED_YAML = REPO / "configs" / "dinov3_vitlarge_pretrain.yaml"
 TILE_SIZE = 256
+PIPELINES = ("baseline", "reference", "fast")
+INVARIANCE_KINDS = {"full": frozenset({"raw", "resizepaste"}), "core": frozenset()}
 
 
 # ------------------------------------------------------------------------------------ the data
@@ -132,8 +142,15 @@ def make_h5_tiles(folder: Path, count: int, seed: int = 1) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- pipelines
-def recipe(batch_size: int, workers: int):
-    return load_config(SEED_YAML, [f"train.batch_size_per_gpu={batch_size}", f"train.num_workers={workers}"])
+def recipe(batch_size: int, workers: int, view_pipeline: str = "reference"):
+    return load_config(
+        SEED_YAML,
+        [
+            f"train.batch_size_per_gpu={batch_size}",
+            f"train.num_workers={workers}",
+            f"crops.view_pipeline={view_pipeline}",
+        ],
+    )
 
 
 def baseline_loader(source: dict, batch_size: int, workers: int) -> DataLoader:
@@ -178,12 +195,20 @@ def our_source(source: dict, index_dir: str):
     return H5TileSource(source["list"], index_dir=index_dir)
 
 
-def our_loader(source: dict, batch_size: int, workers: int, index_dir: str) -> DataLoader:
+def our_loader(
+    source: dict, batch_size: int, workers: int, index_dir: str, view_pipeline: str, views: str
+) -> DataLoader:
     from dino_bridge.train import build
 
-    cfg = recipe(batch_size, workers)
+    cfg = recipe(batch_size, workers, view_pipeline)
     return build.build_loader(
-        cfg, our_source(source, index_dir), rank=0, world_size=1, start_position=0, pin_memory=False
+        cfg,
+        our_source(source, index_dir),
+        rank=0,
+        world_size=1,
+        start_position=0,
+        pin_memory=False,
+        invariance_kinds=INVARIANCE_KINDS[views],
     )
 
 
@@ -203,62 +228,83 @@ def measure(loader: DataLoader, workers: int, rounds: int, batch_size: int) -> f
 
 
 def run_grid(sources: dict, args, index_dir: str) -> list[dict]:
-    makers = {"baseline": baseline_loader, "ours": lambda s, b, w: our_loader(s, b, w, index_dir)}
+    makers = {
+        "baseline": baseline_loader,
+        "reference": lambda s, b, w: our_loader(s, b, w, index_dir, "reference", args.views),
+        "fast": lambda s, b, w: our_loader(s, b, w, index_dir, "fast", args.views),
+    }
     rows = {}
     for repeat in range(args.repeats):
         for source_name, source in sources.items():
             for workers in args.workers:
-                order = ["baseline", "ours"] if repeat % 2 == 0 else ["ours", "baseline"]
+                order = list(PIPELINES) if repeat % 2 == 0 else list(reversed(PIPELINES))
                 for pipeline in order:
                     loader = makers[pipeline](source, args.batch_size, workers)
                     rate = measure(loader, workers, args.rounds, args.batch_size)
                     del loader
                     rows.setdefault((source_name, workers, pipeline), []).append(rate)
                     print(
-                        f"repeat {repeat + 1}/{args.repeats} {source_name:5s} W={workers} {pipeline:8s}"
+                        f"repeat {repeat + 1}/{args.repeats} {source_name:5s} W={workers} {pipeline:9s}"
                         f" {rate:7.1f} img/s ({rate / workers:6.1f} per core)",
                         flush=True,
                     )
     table = []
     for source_name in sources:
         for workers in args.workers:
-            base, ours = rows[(source_name, workers, "baseline")], rows[(source_name, workers, "ours")]
-            b, o = statistics.median(base), statistics.median(ours)
-            table.append(
-                {
-                    "source": source_name,
-                    "workers": workers,
-                    "baseline_per_core": b / workers,
-                    "ours_per_core": o / workers,
-                    "ratio": o / b,
-                    "baseline_img_s": base,
-                    "ours_img_s": ours,
-                }
-            )
+            rates = {name: rows[(source_name, workers, name)] for name in PIPELINES}
+            median = {name: statistics.median(values) for name, values in rates.items()}
+            row = {"source": source_name, "workers": workers}
+            for name in PIPELINES:
+                row[f"{name}_per_core"] = median[name] / workers
+                row[f"{name}_img_s"] = rates[name]
+            row["fast_vs_baseline"] = median["fast"] / median["baseline"]
+            row["fast_vs_reference"] = median["fast"] / median["reference"]
+            row["reference_vs_baseline"] = median["reference"] / median["baseline"]
+            table.append(row)
     return table
 
 
 # ---------------------------------------------------------------------------------- profiling
 # (stage, function name, file suffix, caller name or None): cumulative time of the function, only
-# under that caller when one is given (torchvision functions are also called inside other ops).
+# under that caller when one is given (torchvision functions are also called inside other ops). The
+# reference pipeline's functions live in transforms.py (and torchvision), the fast one's in fast_ops.py.
 STAGES = [
     ("decode (PIL / HDF5 read)", "load_image", "images.py", None),
     ("decode (PIL / HDF5 read)", "load", "sources/h5.py", None),
+    ("to uint8 tensor", "image_to_uint8_tensor", "transforms.py", "__getitem__"),
     ("to uint8 tensor", "image_to_uint8_tensor", "transforms.py", "__call__"),
     ("sample parameters", "sample_params", "transforms.py", None),
+    ("sample parameters", "sample_resize_paste", "views.py", None),
+    ("sample parameters", "sample_roll", "views.py", None),
     ("resized crop (+flip)", "_geometric", "transforms.py", None),
+    ("to float", "to_float", "transforms.py", None),
+    ("to float", "to_float", "fast_ops.py", None),
     ("colour jitter", "apply_color_jitter", "transforms.py", None),
+    ("colour jitter", "apply_color_jitter", "fast_ops.py", None),
     ("grayscale", "rgb_to_grayscale", "_color.py", "apply_pixel_ops"),
+    ("grayscale", "grayscale", "fast_ops.py", "apply_pixel_ops"),
     ("gaussian blur", "gaussian_blur", "_misc.py", "apply_pixel_ops"),
+    ("gaussian blur", "gaussian_blur", "fast_ops.py", "apply_pixel_ops"),
     ("solarize", "solarize", "_color.py", "apply_pixel_ops"),
-    ("normalise (to float, mean/std)", "normalize", "transforms.py", None),
+    ("solarize", "solarize_", "fast_ops.py", "apply_pixel_ops"),
+    ("normalise (mean/std)", "normalize", "transforms.py", None),
+    ("normalise (mean/std)", "normalize", "fast_ops.py", None),
+    ("invariance: source o (whole-image resize)", "source_o", "invariance.py", None),
+    ("invariance: resize-paste views", "resize_paste", "views.py", None),
     ("stack crops (collate)", "_stack_crop_major", "collate.py", None),
-    ("iBOT masks (collate)", "_masks", "collate.py", None),
-    ("iBOT masks (collate)", "of", "collate.py", None),
+    ("iBOT masks (collate)", "_masks", "collate.py", "__call__"),
+    ("iBOT masks (collate)", "of", "collate.py", "__call__"),
+    ("invariance: stack + masks (collate)", "_invariance", "collate.py", None),
 ]
 TOTALS = [("__getitem__", "ssl_dataset.py"), ("__call__", "collate.py")]
-# inside the colour jitter: each adjust_* op as called by apply_color_jitter
-JITTER_OPS = ["adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue"]
+# inside the colour jitter: the reference's adjust_* ops, and the fast pipeline's hue shift
+JITTER_OPS = [
+    ("adjust_brightness", "_color.py"),
+    ("adjust_contrast", "_color.py"),
+    ("adjust_saturation", "_color.py"),
+    ("adjust_hue", "_color.py"),
+    ("adjust_hue", "fast_ops.py"),
+]
 
 
 def _cumulative(stats: pstats.Stats, name: str, suffix: str, caller: str | None) -> float:
@@ -273,11 +319,13 @@ def _cumulative(stats: pstats.Stats, name: str, suffix: str, caller: str | None)
     return total
 
 
-def profile_ours(sources: dict, batch_size: int, batches: int, index_dir: str) -> dict:
-    """cProfile of SSLTrainDataset.__getitem__ + MultiCropCollate over ``batches`` batches (one process)."""
+def profile_ours(sources: dict, batch_size: int, batches: int, index_dir: str, views: str) -> dict:
+    """cProfile of SSLTrainDataset.__getitem__ + MultiCropCollate over ``batches`` batches (one
+    process), per view pipeline and source: {"reference/jpeg": …, "fast/jpeg": …, …}."""
     report = {}
-    for source_name, source in sources.items():
-        loader = our_loader(source, batch_size, 0, index_dir)
+    for pipeline, source_name in [(p, s) for p in ("reference", "fast") for s in sources]:
+        source = sources[source_name]
+        loader = our_loader(source, batch_size, 0, index_dir, pipeline, views)
         dataset, collate = loader.dataset, loader.collate_fn
         items = iter(loader.sampler)
         collate([dataset[next(items)] for _ in range(batch_size)])  # warm-up, not profiled
@@ -294,8 +342,12 @@ def profile_ours(sources: dict, batch_size: int, batches: int, index_dir: str) -
         for stage, name, suffix, caller in STAGES:
             stages[stage] = stages.get(stage, 0.0) + _cumulative(stats, name, suffix, caller)
         stages["other (views glue, sampler, Python)"] = total - sum(stages.values())
-        jitter = {op: _cumulative(stats, op, "_color.py", "apply_color_jitter") for op in JITTER_OPS}
-        report[source_name] = {
+        jitter = {
+            f"{op} ({suffix})": _cumulative(stats, op, suffix, "apply_color_jitter")
+            for op, suffix in JITTER_OPS
+        }
+        jitter = {k: v for k, v in jitter.items() if v > 0}
+        report[f"{pipeline}/{source_name}"] = {
             "jitter_ms_per_image": {k: 1000 * v / (batches * batch_size) for k, v in jitter.items()},
             "images": batches * batch_size,
             "wall_s": wall,
@@ -315,17 +367,20 @@ def print_tables(result: dict) -> None:
         f"load average {env['load_avg_1m_at_start']:.2f} at the start"
         " (the machine is shared: absolute figures are noisy)"
     )
-    print("\n| source | workers | baseline img/s/core | ours img/s/core | ours ÷ baseline |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"views: {result['config']['views']}")
+    print(
+        "\n| source | workers | baseline img/s/core | reference img/s/core | fast img/s/core"
+        " | fast ÷ baseline | fast ÷ reference |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for row in result["table"]:
         print(
             f"| {row['source']} | {row['workers']} | {row['baseline_per_core']:.1f}"
-            f" | {row['ours_per_core']:.1f} | {row['ratio']:.2f}× |"
+            f" | {row['reference_per_core']:.1f} | {row['fast_per_core']:.1f}"
+            f" | {row['fast_vs_baseline']:.2f}× | {row['fast_vs_reference']:.2f}× |"
         )
-    for source_name, prof in result.get("profile", {}).items():
-        print(
-            f"\nours, {source_name}: cProfile of __getitem__ + collate, {prof['images']} images (one process)"
-        )
+    for name, prof in result.get("profile", {}).items():
+        print(f"\n{name}: cProfile of __getitem__ + collate, {prof['images']} images (one process)")
         print("| stage | ms / image | share |\n|---|---:|---:|")
         for stage, ms in prof["ms_per_image"].items():
             print(f"| {stage} | {ms:.2f} | {100 * prof['share'][stage]:.0f}% |")
@@ -342,6 +397,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workers", type=int, nargs="+", default=None, help="default: 1, 2 and all cores")
     p.add_argument("--sources", nargs="+", default=["jpeg", "hdf5"], choices=["jpeg", "hdf5"])
+    p.add_argument(
+        "--views",
+        choices=sorted(INVARIANCE_KINDS),
+        default="full",
+        help="ours: with or without the invariance views",
+    )
     p.add_argument("--profile", action="store_true", help="also a cProfile breakdown of ours")
     p.add_argument("--profile-batches", type=int, default=4)
     p.add_argument("--profile-only", action="store_true", help="only the profile (no throughput grid)")
@@ -370,7 +431,15 @@ def main(argv: list[str] | None = None) -> int:
             "environment": environment(torch.device("cpu"), 1, load_before),
             "config": {
                 "recipe": "configs/dinov3_vitlarge_pretrain.yaml",
-                "views": "2×224 + 8×96 crops, iBOT masks; invariance views not included",
+                "views": (
+                    "baseline: 2×224 + 8×96 crops, iBOT masks; reference and fast: the same"
+                    + (
+                        " + the invariance views (raw and resize-paste of sources r and o, roll"
+                        " offsets, resize-paste / shift / alignment masks)"
+                        if args.views == "full"
+                        else " (invariance views not included)"
+                    )
+                ),
                 "images": args.images,
                 "batch_size": args.batch_size,
                 "rounds": args.rounds,
@@ -383,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.profile or args.profile_only:
             result["profile"] = profile_ours(
-                sources, args.batch_size, args.profile_batches, str(root / "index")
+                sources, args.batch_size, args.profile_batches, str(root / "index"), args.views
             )
     print_tables(result)
     if args.json is not None:

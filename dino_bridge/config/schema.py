@@ -206,6 +206,12 @@ class CropsConfig:
     rgb_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     use_resize_shuffle_augmentor: bool = False
     resize_shuffle_augmentor_switch: Any = None
+    # NEW: reference (torchvision's uint8 ops, the golden-loss path) | fast (one float pass per view,
+    # the same draws and output distribution, pixels differ by rounding; data/fast_ops.py)
+    view_pipeline: str = "reference"
+    # NEW: > 0 decodes JPEGs (txt_path, root, shards) at the smallest 1/2, 1/4, 1/8 scale whose
+    # shorter side stays >= this many pixels (PIL draft); 0: full size. It changes pixels.
+    jpeg_draft_min_side: int = 0
 
 
 @dataclass

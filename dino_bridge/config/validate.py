@@ -407,6 +407,8 @@ RULES: dict[str, Rule] = {
     "crops.local_crops_size": multiple_of_patch(unless=_no_local_crops),
     "crops.rgb_mean": numbers(3),
     "crops.rgb_std": numbers(3, 0, lo_open=True),
+    "crops.view_pipeline": one_of("reference", "fast"),
+    "crops.jpeg_draft_min_side": integer(0),
     # -- checkpoints
     "checkpointing.period": _COUNT,
     "checkpointing.max_to_keep": integer(0),  # 0: keep all

@@ -39,18 +39,26 @@ def _check_index(index: int, length: int, name: str) -> int:
     return index % length
 
 
+def _check_draft(draft_min_side: int) -> int:
+    if int(draft_min_side) < 0:
+        raise ValueError(f"draft_min_side must be >= 0 (0: full-size decoding), got {draft_min_side}")
+    return int(draft_min_side)
+
+
 class _PathListSource:
     """A source backed by a list of file paths (shared by txt lists and folders)."""
 
     paths: list[str]
     labels: list[int] | None = None
     classes: list[str] | None = None
+    draft_min_side: int = 0  # > 0: JPEGs decoded at reduced size (``images.load_image``)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, index: int) -> Image.Image:
-        return load_image(self.paths[_check_index(index, len(self.paths), type(self).__name__)])
+        path = self.paths[_check_index(index, len(self.paths), type(self).__name__)]
+        return load_image(path, self.draft_min_side)
 
     def describe(self, index: int) -> str:
         return self.paths[_check_index(index, len(self.paths), type(self).__name__)]
@@ -61,10 +69,10 @@ class ImageListDataset(_PathListSource):
 
     Relative paths are resolved against the txt file's own folder; blank lines and lines starting with
     ``#`` are ignored. Paths are not checked here: a missing file fails at load time like any unreadable
-    image (and is replaced during training).
+    image (and is replaced during training). ``draft_min_side``: see ``images.load_image``.
     """
 
-    def __init__(self, txt_path: str | os.PathLike) -> None:
+    def __init__(self, txt_path: str | os.PathLike, *, draft_min_side: int = 0) -> None:
         txt_path = os.fspath(txt_path)
         if not os.path.isfile(txt_path):
             raise ValueError(f"image list file {txt_path!r} does not exist (or is not a file)")
@@ -75,6 +83,7 @@ class ImageListDataset(_PathListSource):
         if not entries:
             raise ValueError(f"image list file {txt_path!r} lists no images (only blanks/comments)")
         self.txt_path = txt_path
+        self.draft_min_side = _check_draft(draft_min_side)
         self.paths = [os.path.normpath(os.path.join(base_dir, entry)) for entry in entries]
 
 
@@ -97,10 +106,10 @@ class ImageFolderDataset(_PathListSource):
     """All images under ``root`` (recursive; extensions from ``IMAGE_EXTENSIONS``, any case; sorted).
 
     With ``labelled=True`` the class of an image is its first-level subfolder (classes sorted by name),
-    and images lying directly in ``root`` are an error.
+    and images lying directly in ``root`` are an error. ``draft_min_side``: see ``images.load_image``.
     """
 
-    def __init__(self, root: str | os.PathLike, labelled: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike, labelled: bool = False, *, draft_min_side: int = 0) -> None:
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} does not exist (or is not a directory)")
@@ -110,6 +119,7 @@ class ImageFolderDataset(_PathListSource):
                 f"image folder {root!r} contains no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
             )
         self.root = root
+        self.draft_min_side = _check_draft(draft_min_side)
         self.paths = [os.path.join(root, rel) for rel in relative_paths]
         if labelled:
             top_level = [rel for rel in relative_paths if os.sep not in rel]

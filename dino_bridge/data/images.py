@@ -9,11 +9,16 @@ Every mode Pillow can open is mapped to RGB without clipping information away:
   a white background, so transparent pixels do not reveal whatever colour the encoder stored there.
 - EXIF orientation is applied, and the pixels are fully decoded here so a truncated file fails at
   load time, not later inside a transform.
+
+Reduced-size JPEG decoding (``draft_min_side`` > 0, opt-in: it changes pixels): a JPEG is decoded
+by libjpeg at the smallest DCT scale (1, 1/2, 1/4 or 1/8) whose shorter side is still at least
+``draft_min_side`` pixels (Pillow's ``Image.draft``); other formats are decoded in full.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 
@@ -93,8 +98,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open, fully decode, orient (EXIF) and convert ``path`` to an RGB image.
+def load_image(path: str | os.PathLike, draft_min_side: int = 0) -> Image.Image:
+    """Open, fully decode, orient (EXIF) and convert ``path`` to an RGB image (``draft_min_side``:
+    see the module docstring).
 
     Raises ``ImageLoadError`` (an ``OSError``) naming the file and the reason for every failure.
     """
@@ -105,23 +111,32 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageLoadError(path, "is a directory, not an image file")
     if os.path.getsize(path) == 0:
         raise ImageLoadError(path, "file is empty (0 bytes)")
-    return _decode(path, path)
+    return _decode(path, path, draft_min_side)
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
+def decode_image(data: bytes, name: str, draft_min_side: int = 0) -> Image.Image:
     """``load_image`` for the bytes of an image file (a member of an archive); ``name`` is what an
     ``ImageLoadError`` names."""
     if not data:
         raise ImageLoadError(name, "file is empty (0 bytes)")
-    return _decode(io.BytesIO(data), name)
+    return _decode(io.BytesIO(data), name, draft_min_side)
 
 
-def _decode(source: str | io.BytesIO, name: str) -> Image.Image:
+def draft_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The (W, H) to ask ``Image.draft`` for so that the shorter side stays >= ``min_side``."""
+    width, height = size
+    factor = min_side / min(width, height)
+    return max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))
+
+
+def _decode(source: str | io.BytesIO, name: str, draft_min_side: int = 0) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Pillow warns (not raises) about some benign oddities, e.g. palette transparency.
             warnings.simplefilter("ignore", UserWarning)
             with Image.open(source) as opened:
+                if draft_min_side > 0 and opened.format == "JPEG":
+                    opened.draft("RGB", draft_size(opened.size, draft_min_side))
                 opened.load()
                 oriented = ImageOps.exif_transpose(opened)
                 rgb = _to_rgb(oriented)

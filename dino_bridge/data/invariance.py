@@ -14,7 +14,8 @@ ResizePaste view, when requested) and a PatchRoll offset ``roll_x`` = (dr, dc); 
 
 Each kind draws from its own generator, derived from (seed, rank, "views", kind, stream position)
 by the dataset, so a view never depends on which other kinds are built, on the DataLoader worker
-or on the number of workers.
+or on the number of workers. ``view_pipeline`` (``reference`` | ``fast``) picks the pixel stage
+of ``transforms.pixel_pipeline``, as for the multi-crop views; the draws are the same for both.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dino_bridge.data.transforms import (
     GLOBAL_BLUR_PROBABILITIES,
     GLOBAL_SOLARIZE_PROBABILITIES,
     MultiCropParams,
-    apply_pixel_ops,
+    pixel_pipeline,
     sample_pixel_ops,
 )
 from dino_bridge.data.views import resize_paste, sample_resize_paste, sample_roll
@@ -53,6 +54,7 @@ class InvarianceSettings:
     paste_ratio: tuple[float, float] = (0.5, 0.9)
     keep_aspect_probability: float = 0.3
     max_roll: int = 5
+    view_pipeline: str = "reference"
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.patch_size <= 0 or self.size % self.patch_size:
@@ -77,22 +79,25 @@ class InvarianceViews:
 
     def __init__(self, settings: InvarianceSettings) -> None:
         self.settings = settings
+        self.pixels = pixel_pipeline(settings.view_pipeline)
 
     def _normalize(self, image: torch.Tensor) -> torch.Tensor:
-        return TF.normalize(image, list(self.settings.rgb_mean), list(self.settings.rgb_std))
+        """May work in place on ``image`` (the fast pipeline's does)."""
+        return self.pixels.normalize(image, self.settings.rgb_mean, self.settings.rgb_std)
 
     def source_r(
         self, params: MultiCropParams, geometric_globals: Sequence[torch.Tensor], generator: torch.Generator
     ) -> torch.Tensor:
-        """uint8 [3, S, S]: one global crop's geometry with (usually) fresh photometric ops."""
+        """float32 [3, S, S] in [0, 1]: one global crop's geometry with (usually) fresh photometric
+        ops."""
         unit_pick, unit_plain = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
         crop = 0 if unit_pick < 0.5 else 1
         _, ops = sample_pixel_ops(
             generator, GLOBAL_BLUR_PROBABILITIES[crop], GLOBAL_SOLARIZE_PROBABILITIES[crop]
         )
         if unit_plain < self.settings.r_plain_probability:
-            return geometric_globals[crop]
-        return apply_pixel_ops(geometric_globals[crop], ops)
+            return self.pixels.to_float(geometric_globals[crop])
+        return self.pixels.photometric(geometric_globals[crop], ops)
 
     def source_o(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 [3, S, S]: the whole image, squashed or short-side resized and centre-cropped."""
@@ -120,12 +125,11 @@ class InvarianceViews:
         s = self.settings
         sources = {
             "r": self.source_r(params, geometric_globals, generator_for("r")),
-            "o": self.source_o(pixels, generator_for("o")),
+            "o": self.pixels.to_float(self.source_o(pixels, generator_for("o"))),
         }
         out: dict[str, torch.Tensor] = {}
-        for name, source in sources.items():
-            image = TF.to_dtype(source, torch.float32, scale=True)
-            out[f"raw_{name}"] = self._normalize(image)
+        for name, image in sources.items():
+            out[f"raw_{name}"] = image  # normalised last, below: the fast pipeline does it in place
             out[f"roll_{name}"] = sample_roll(s.max_roll, generator_for(f"roll_{name}"))
             if resize_paste_views:
                 geometry = sample_resize_paste(
@@ -137,7 +141,10 @@ class InvarianceViews:
                     paste_ratio=s.paste_ratio,
                     keep_aspect_probability=s.keep_aspect_probability,
                 )
-                out[f"resizepaste_{name}"] = self._normalize(resize_paste(image, geometry))
+                out[f"resizepaste_{name}"] = self._normalize(
+                    resize_paste(image, geometry, self.pixels.resized_crop)
+                )
+            out[f"raw_{name}"] = self._normalize(image)  # last: it may normalise in place
         return out
 
 

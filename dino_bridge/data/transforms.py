@@ -6,7 +6,13 @@ Every random number comes from the ``torch.Generator`` passed in, in two steps s
 can be tested without touching pixels:
 1. ``MultiCropAugmentation.sample_params(image_size, generator)`` draws every parameter of every view
    (crop box, flip, colour jitter, grayscale, blur, solarize) into a frozen ``MultiCropParams``;
-2. ``apply(image, params)`` executes them with ``torchvision.transforms.v2.functional`` ops.
+2. ``apply(image, params)`` executes them.
+
+Two view pipelines execute the same parameters (``view_pipeline``, ``VIEW_PIPELINES``):
+``reference`` runs ``torchvision.transforms.v2.functional``'s uint8 ops one after the other (the
+golden-loss path); ``fast`` (``data/fast_ops.py``) converts each crop to float once after its
+resized crop and runs the photometric ops and the normalisation in one float pass (its output
+distribution is tested against ``reference``; pixels differ by the reference's rounding between ops).
 
 The recipe (METHOD §2): RandomResizedCrop (bicubic, antialias, aspect 3/4–4/3, torchvision's sampling
 algorithm), horizontal flip p=0.5 if enabled, colour jitter p=0.8 (0.4, 0.4, 0.2, 0.1) in a random order,
@@ -187,6 +193,49 @@ def apply_pixel_ops(crop: torch.Tensor, ops: PixelOps | ViewParams) -> torch.Ten
     return crop
 
 
+class ReferencePixels:
+    """The ``reference`` view pipeline's pixel stage: torchvision's uint8 ops, then float."""
+
+    name = "reference"
+
+    def resized_crop(self, image: torch.Tensor, box: CropBox, height: int, width: int) -> torch.Tensor:
+        """The ``box`` of ``image`` [3, H, W] resized to height×width (bicubic, antialias)."""
+        return TF.resized_crop(
+            image,
+            box.top,
+            box.left,
+            box.height,
+            box.width,
+            [height, width],
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+
+    def to_float(self, crop: torch.Tensor) -> torch.Tensor:
+        return TF.to_dtype(crop, torch.float32, scale=True)
+
+    def photometric(self, crop: torch.Tensor, ops: PixelOps | ViewParams) -> torch.Tensor:
+        """uint8 crop → float32 [0, 1] after its photometric ops."""
+        return self.to_float(apply_pixel_ops(crop, ops))
+
+    def normalize(self, image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+        return TF.normalize(image, list(mean), list(std))
+
+
+VIEW_PIPELINES = ("reference", "fast")
+
+
+def pixel_pipeline(name: str):
+    """The pixel stage of the view pipeline ``name`` (one of ``VIEW_PIPELINES``)."""
+    if name == "reference":
+        return ReferencePixels()
+    if name == "fast":
+        from dino_bridge.data.fast_ops import FastPixels  # fast_ops builds on this module's types
+
+        return FastPixels()
+    raise ValueError(f"unknown view pipeline {name!r}; valid: {', '.join(VIEW_PIPELINES)}")
+
+
 def image_to_uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
     """An RGB PIL image (or a uint8 [3, H, W] tensor) as a plain uint8 [3, H, W] tensor."""
     if isinstance(image, Image.Image):
@@ -211,6 +260,8 @@ class MultiCropAugmentation:
     ``share_color_jitter``: one colour-jitter and grayscale draw is used for every crop (applied per crop
     after cropping; contrast uses each crop's own mean). ``localcrops_subset_of_globalcrops``: each local
     crop is cut from the geometric part (crop + flip) of a randomly chosen global crop.
+    ``view_pipeline``: ``reference`` or ``fast`` (see the module docstring); the random draws are
+    the same for both.
     """
 
     def __init__(
@@ -226,6 +277,7 @@ class MultiCropAugmentation:
         rgb_std: Sequence[float] = IMAGENET_STD,
         share_color_jitter: bool = False,
         localcrops_subset_of_globalcrops: bool = False,
+        view_pipeline: str = "reference",
     ) -> None:
         for name, value in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
             if int(value) <= 0:
@@ -244,6 +296,8 @@ class MultiCropAugmentation:
         self.rgb_std = [float(v) for v in rgb_std]
         self.share_color_jitter = bool(share_color_jitter)
         self.localcrops_subset_of_globalcrops = bool(localcrops_subset_of_globalcrops)
+        self.pixels = pixel_pipeline(view_pipeline)
+        self.view_pipeline = self.pixels.name
 
     def _sample_view(
         self,
@@ -312,27 +366,16 @@ class MultiCropAugmentation:
             )
         return MultiCropParams(global_views=global_views, local_views=tuple(local_views))
 
-    @staticmethod
-    def _geometric(source: torch.Tensor, view: ViewParams, size: int) -> torch.Tensor:
-        box = view.box
-        crop = TF.resized_crop(
-            source,
-            box.top,
-            box.left,
-            box.height,
-            box.width,
-            [size, size],
-            interpolation=InterpolationMode.BICUBIC,
-            antialias=True,
-        )
+    def _geometric(self, source: torch.Tensor, view: ViewParams, size: int) -> torch.Tensor:
+        crop = self.pixels.resized_crop(source, view.box, size, size)
         return TF.horizontal_flip(crop) if view.flip else crop
 
     def normalize(self, crop: torch.Tensor) -> torch.Tensor:
         """uint8 [3, h, w] → float32, scaled to [0, 1], then (x − rgb_mean) / rgb_std."""
-        return TF.normalize(TF.to_dtype(crop, torch.float32, scale=True), self.rgb_mean, self.rgb_std)
+        return self.pixels.normalize(self.pixels.to_float(crop), self.rgb_mean, self.rgb_std)
 
     def _photometric(self, crop: torch.Tensor, view: ViewParams) -> torch.Tensor:
-        return self.normalize(apply_pixel_ops(crop, view))
+        return self.pixels.normalize(self.pixels.photometric(crop, view), self.rgb_mean, self.rgb_std)
 
     def apply(
         self, image: Image.Image | torch.Tensor, params: MultiCropParams, *, keep_geometric: bool = False

@@ -23,6 +23,7 @@ Every draw comes from the ``torch.Generator`` passed in, a fixed number of draws
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,20 +88,29 @@ def sample_resize_paste(
     return ResizePasteParams(crop, CropBox(top, left, paste_h, paste_w), u_grey)
 
 
-def resize_paste(image: torch.Tensor, params: ResizePasteParams) -> torch.Tensor:
-    """[3, S, S] float in [0, 1] → the ResizePaste view (same shape and dtype; not clamped, so
-    bicubic over- and undershoot survive, as in the reference)."""
-    crop, paste = params.crop, params.paste
-    block = TF.resized_crop(
+def _resized_crop(image: torch.Tensor, box: CropBox, height: int, width: int) -> torch.Tensor:
+    return TF.resized_crop(
         image,
-        crop.top,
-        crop.left,
-        crop.height,
-        crop.width,
-        [paste.height, paste.width],
+        box.top,
+        box.left,
+        box.height,
+        box.width,
+        [height, width],
         interpolation=InterpolationMode.BICUBIC,
         antialias=True,
     )
+
+
+def resize_paste(
+    image: torch.Tensor,
+    params: ResizePasteParams,
+    resized_crop: Callable[[torch.Tensor, CropBox, int, int], torch.Tensor] = _resized_crop,
+) -> torch.Tensor:
+    """[3, S, S] float in [0, 1] → the ResizePaste view (same shape and dtype; not clamped, so
+    bicubic over- and undershoot survive, as in the reference). ``resized_crop(image, box, h, w)``:
+    bicubic antialiased (the view pipeline's own, ``transforms.pixel_pipeline``)."""
+    crop, paste = params.crop, params.paste
+    block = resized_crop(image, crop, paste.height, paste.width)
     canvas = torch.full_like(image, params.grey)
     canvas[:, paste.top : paste.top + paste.height, paste.left : paste.left + paste.width] = block
     return canvas

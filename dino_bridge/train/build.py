@@ -396,7 +396,12 @@ def build_train_source(cfg: DictConfig):
     sources = []
     for name, src in cfg.data.items():
         try:
-            ds = open_source(name, src, index_dir=cfg.train.output_dir or None)
+            ds = open_source(
+                name,
+                src,
+                index_dir=cfg.train.output_dir or None,
+                jpeg_draft_min_side=int(cfg.crops.jpeg_draft_min_side),
+            )
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.{name}: {e}") from None
         if float(src.dataset_ratio) < 1.0:
@@ -419,6 +424,7 @@ def build_augmentation(cfg: DictConfig) -> MultiCropAugmentation:
         rgb_std=tuple(c.rgb_std),
         share_color_jitter=bool(c.share_color_jitter),
         localcrops_subset_of_globalcrops=bool(c.localcrops_subset_of_globalcrops),
+        view_pipeline=str(c.view_pipeline),
     )
 
 
@@ -437,6 +443,7 @@ def build_invariance_views(cfg: DictConfig) -> InvarianceViews:
             paste_ratio=tuple(rs.resize_paste_ratio),
             keep_aspect_probability=float(rs.resize_paste_keep_aspect_probability),
             max_roll=int(rs.patch_roll_max_shift),
+            view_pipeline=str(c.view_pipeline),
         )
     )
 

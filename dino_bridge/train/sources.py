@@ -35,13 +35,14 @@ def _indexed(make, index_dir: str | None):
     return make(index_dir=index_dir, build_index=False)
 
 
-def open_source(name: str, src, index_dir: str | None = None) -> ImageSource:
+def open_source(name: str, src, index_dir: str | None = None, jpeg_draft_min_side: int = 0) -> ImageSource:
     """The source of ``src`` (a ``DataSourceConfig`` node); ``index_dir``: where an index goes when the
-    data's own folder is read-only (the run's output dir)."""
+    data's own folder is read-only (the run's output dir); ``jpeg_draft_min_side`` > 0: reduced-size
+    JPEG decoding for the sources of image files (``crops.jpeg_draft_min_side``)."""
     if src.txt_path:
-        return ImageListDataset(src.txt_path)
+        return ImageListDataset(src.txt_path, draft_min_side=jpeg_draft_min_side)
     if src.root:
-        return ImageFolderDataset(src.root)
+        return ImageFolderDataset(src.root, draft_min_side=jpeg_draft_min_side)
     if src.demo:
         return build_demo_dataset(src.demo, "train")
     if src.h5_list:
@@ -50,7 +51,9 @@ def open_source(name: str, src, index_dir: str | None = None) -> ImageSource:
     elif src.wsi_index:
         return WSITileSource(src.wsi_index)
     elif src.shards:
-        source = _indexed(lambda **kw: ShardSource(src.shards, **kw), index_dir)
+        source = _indexed(
+            lambda **kw: ShardSource(src.shards, draft_min_side=jpeg_draft_min_side, **kw), index_dir
+        )
     else:
         raise ValueError(f"needs one of {', '.join(SOURCE_KEYS)}")
     for path, reason in source.unreadable.items():

@@ -120,6 +120,8 @@ BAD_OVERRIDES = [
     ("student.depth=0", "student.depth"),
     ("dino.koleo_gate_slope=0", "dino.koleo_gate_slope"),
     ("crops.rgb_std=[0.2,0.2,0]", "crops.rgb_std"),
+    ("crops.view_pipeline=turbo", "crops.view_pipeline"),
+    ("crops.jpeg_draft_min_side=-1", "crops.jpeg_draft_min_side"),
     ("teacher.momentum_teacher=2", "teacher.momentum_teacher"),
     ("dino.koleo_cls_loss_wieght=1", "dino.koleo_cls_loss_wieght"),  # unknown key
     # online evaluation

@@ -104,6 +104,7 @@ class ShardSource(IndexedFiles):
         index_dir: str | os.PathLike | None = None,
         build_index: bool = True,
         max_open_shards: int = 8,
+        draft_min_side: int = 0,
     ) -> None:
         _wids()  # a clear error now if the extra is missing
         self.spec = os.fspath(spec)
@@ -112,6 +113,9 @@ class ShardSource(IndexedFiles):
         self.index = ensure_index("tar", self.paths, count_samples, locations, build=build_index)
         self.require_items(f"the shards {self.spec!r}", "samples")
         self._shards = OpenFiles(_open_shard, capacity=max_open_shards)
+        if int(draft_min_side) < 0:
+            raise ValueError(f"draft_min_side must be >= 0 (0: full-size decoding), got {draft_min_side}")
+        self.draft_min_side = int(draft_min_side)  # > 0: JPEGs decoded at reduced size (load_image)
 
     def load(self, index: int) -> Image.Image:
         path, inner = self.index.locate(index)
@@ -127,7 +131,7 @@ class ShardSource(IndexedFiles):
             raise ImageLoadError(
                 name, f"no image member in sample {sample.get('__key__')!r} (it has {found})"
             )
-        return decode_image(sample[member].getvalue(), f"{name}{member}")
+        return decode_image(sample[member].getvalue(), f"{name}{member}", self.draft_min_side)
 
     def describe(self, index: int) -> str:
         path, inner = self.index.locate(index)
