@@ -84,9 +84,13 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-def _report(error: BaseException) -> None:
+def _report(error: BaseException, handlers_before: tuple) -> None:
+    """Log the error once training has set up its console and train.log (both get it), else print it.
+
+    ``handlers_before``: the logger's handlers when this invocation began; handlers left by an earlier
+    training in the same process write to a stream that is not this invocation's stderr."""
     logger = logging.getLogger("dino_bridge")
-    if logger.handlers:  # training had started: the console and train.log both get it
+    if logger.handlers and tuple(logger.handlers) != handlers_before:
         logger.error("%s", one_line(error))
     else:
         print(f"error: {one_line(error)}", file=sys.stderr)
@@ -96,6 +100,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train
     """Exit codes: 0 finished; 2 a user error; 3 non-finite losses; 4 unreadable data; 5 a checkpoint
     write failed; 130 / 143 stopped by SIGINT / SIGTERM after its checkpoint."""
     args = build_parser(prog).parse_args(argv)
+    handlers_before = tuple(logging.getLogger("dino_bridge").handlers)
     try:
         cfg = load_config(args.config_file, args.opts)
         if args.dry_run:
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m dino_bridge.train
         code = exit_code(e)
         if code is None:
             raise
-        _report(e)
+        _report(e, handlers_before)
         return code
     if summary.get("stopped_at") is not None:
         from .signals import exit_code_for
