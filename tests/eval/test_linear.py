@@ -59,6 +59,14 @@ def test_feature_stats_and_a_constant_feature():
     assert std[3] == 1.0  # standardises to 0 instead of dividing by 0
 
 
+def test_labels_outside_the_classes_and_a_non_positive_strength_are_named():
+    x, y = _clusters(20, 0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got 0..3"):
+        fit_logistic(x, y, 3, 0.1)
+    with pytest.raises(ValueError, match="the L2 strength must be > 0"):
+        fit_logistic(x, y, 4, 0.0)
+
+
 def test_the_held_out_split_is_seeded_stratified_and_disjoint():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 1)
     fit, held = holdout_split(labels, 0.2, seed=0)
