@@ -19,8 +19,8 @@ evaluation costs 2·N·F·C multiply-adds (the logits and rᵀx): for ImageNet-1
 CLS+avgpool (N = 1.28 M, F = 2048, C = 1000, 10 GiB of fp32 features) about 10 TFLOP, a fifth of a
 second at 50 TFLOP/s; a fit of at most 500 iterations is then under 2 minutes, and the sweep
 (warm-started, stopped early by ``patience``) plus the refit well under 20 (an estimate from the
-FLOP count, not a measurement). On a CPU, Fashion-MNIST-sized sets (60 000 × 384 × 10) cost
-about 0.5 GFLOP per evaluation.
+FLOP count, not a measurement). On a CPU, a Fashion-MNIST-sized set (60 000 × 384, 10 classes)
+costs about 0.5 G multiply-adds per evaluation.
 
 Choice of λ (``choose_l2``): a seeded, class-stratified split of the training rows holds out
 ``holdout_fraction`` of them; for each λ of the grid, strongest first (each fit warm-started from
