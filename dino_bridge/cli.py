@@ -1,4 +1,4 @@
-"""``dino-bridge``: train | eval knn | export | quickstart | data.
+"""``dino-bridge``: train | eval knn|linear | export | quickstart | data.
 
 Exit codes (every command): 0 finished; 2 a user error (config, paths, inputs); 3 non-finite losses;
 4 unreadable data; 5 a checkpoint write failed; 130 / 143 stopped by SIGINT / SIGTERM."""
@@ -21,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train", help="pretrain from a config (see dino-bridge train --help)")
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
-    from .eval import run_knn
+    from .eval import run_knn, run_linear
 
     run_knn.add_arguments(protocols.add_parser("knn", help="weighted kNN on the frozen CLS"))
+    run_linear.add_arguments(protocols.add_parser("linear", help="linear probe on frozen features"))
     from . import quickstart
 
     quickstart.add_arguments(
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return report_cli.main(args)
         if args.command == "eval":
-            return run_knn.main(args)
+            return (run_linear if args.protocol == "linear" else run_knn).main(args)
         return quickstart.main(args)
     except (Exception, KeyboardInterrupt) as e:
         # the same exit codes and one-line messages as ``dino-bridge train``; the eval and data

@@ -1,8 +1,11 @@
 """``dino-bridge quickstart``: pretrain a small ViT on Fashion-MNIST on the CPU in a few minutes.
 
-It measures 20-NN accuracy of the teacher CLS before training (the initialisation) and after,
-on the same seeded subsets of Fashion-MNIST's train and test splits, and leaves everything (config,
-logs, metrics, checkpoints, ``quickstart_results.json``) in the output dir.
+It measures the 20-NN accuracy of the teacher CLS and the linear-probe top-1 (``eval linear``'s
+default features, at most ``--linear-max-iter`` L-BFGS iterations per fit) before training (the
+initialisation) and after, on the same seeded subsets of Fashion-MNIST's train and test splits, with
+the linear probe on the raw pixels of the same images as the baseline. Both probes use the features
+of one pass over the images. Everything (config, logs, metrics, checkpoints,
+``quickstart_results.json``) is left in the output dir.
 """
 
 from __future__ import annotations
@@ -25,22 +28,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--limit-val", type=int, default=2000, help="kNN val subset (Fashion-MNIST test split)")
     p.add_argument(
+        "--linear-max-iter", type=int, default=50, help="L-BFGS iterations per linear-probe fit at most"
+    )
+    p.add_argument(
         "--no-resume", action="store_true", help="start over even if the output dir has checkpoints"
     )
     p.add_argument("opts", nargs="*", default=[], help="key=value overrides of the quickstart config")
 
 
-def _knn(model, spec, args) -> dict:
-    from .eval.run_knn import knn_eval
+def _pixels_too(embed):
+    """``embed`` plus {"pixels": the grey levels of the eval-transformed images [B, H·W]}."""
 
-    return knn_eval(
-        model,
-        spec,
-        "fashion-mnist:train",
-        "fashion-mnist:test",
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-    )
+    def with_pixels(model, images):
+        return {**embed(model, images), "pixels": images.mean(dim=1).flatten(1)}
+
+    return with_pixels
+
+
+def _evaluate(model, spec, args, pixels: bool = False) -> dict:
+    """kNN and linear probe of one backbone from one feature pass (and raw pixels if asked)."""
+    from .eval.features import labelled_features
+    from .eval.run_knn import knn_summary
+    from .eval.run_linear import linear_summary, probe_embedding
+
+    embed = probe_embedding()
+    data = labelled_features(
+        model, spec, "fashion-mnist:train", "fashion-mnist:test", _pixels_too(embed) if pixels else embed,
+        limit_train=args.limit_train, limit_val=args.limit_val,
+    )  # fmt: skip
+    results = {"knn": knn_summary(data), "linear": linear_summary(data, max_iter=args.linear_max_iter)}
+    if pixels:
+        results["pixels_linear"] = linear_summary(data, "pixels", max_iter=args.linear_max_iter)
+    return results
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,8 +75,10 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     spec = build.backbone_spec(cfg)
-    before = _knn(random_backbone(spec, int(cfg.train.seed)), spec, args)
-    print(f"kNN before training (initial teacher): 20-NN top-1 = {before['top1']['20']:.2f}%", flush=True)
+    before = _evaluate(random_backbone(spec, int(cfg.train.seed)), spec, args, pixels=True)
+    knn0, linear0 = before["knn"]["top1"]["20"], before["linear"]["top1"]
+    print(f"before training (initial teacher): 20-NN top-1 = {knn0:.2f}%, linear top-1 = {linear0:.2f}%")
+    print(f"raw pixels (the baseline): linear top-1 = {before['pixels_linear']['top1']:.2f}%", flush=True)
 
     runtime = setup_runtime(str(cfg.MODEL.DEVICE))
     try:
@@ -72,18 +93,24 @@ def main(args: argparse.Namespace) -> int:
         print(f"stopped at iteration {summary['stopped_at']}; rerun the same command to resume", flush=True)
         return exit_code_for(summary.get("stopped_by") or signal.SIGTERM)
     model, spec = load_backbone(output)
-    after = _knn(model, spec, args)
+    after = _evaluate(model, spec, args)
     minutes = (time.perf_counter() - started) / 60
     result = {
-        "knn_before": before,
-        "knn_after": after,
+        "knn_before": before["knn"],
+        "knn_after": after["knn"],
+        "linear_before": before["linear"],
+        "linear_after": after["linear"],
+        "linear_raw_pixels": before["pixels_linear"],
         "iterations": build.total_iterations(cfg),
         "arch": str(cfg.student.arch),
         "minutes": round(minutes, 2),
         "checkpoint": spec["checkpoint"],
     }
     (output / "quickstart_results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"kNN before training: 20-NN top-1 = {before['top1']['20']:.2f}%")
-    print(f"kNN after training:  20-NN top-1 = {after['top1']['20']:.2f}%")
+    print(f"kNN before training: 20-NN top-1 = {before['knn']['top1']['20']:.2f}%")
+    print(f"kNN after training:  20-NN top-1 = {after['knn']['top1']['20']:.2f}%")
+    print(f"linear probe before training: top-1 = {before['linear']['top1']:.2f}%")
+    print(f"linear probe after training:  top-1 = {after['linear']['top1']:.2f}%")
+    print(f"linear probe on raw pixels:   top-1 = {before['pixels_linear']['top1']:.2f}% (the baseline)")
     print(f"({minutes:.1f} min; everything is in {output})")
     return 0

@@ -32,9 +32,16 @@ def test_quickstart_command_prints_knn_before_and_after(tmp_path):
     ])  # fmt: skip
     assert "kNN before training: 20-NN top-1 = " in out.stdout
     assert "kNN after training:  20-NN top-1 = " in out.stdout
+    for line in ("linear probe before training: top-1 = ", "linear probe after training:  top-1 = ",
+                 "linear probe on raw pixels:   top-1 = "):  # fmt: skip
+        assert line in out.stdout
     result = json.loads((tmp_path / "qs" / "quickstart_results.json").read_text())
     assert result["iterations"] == 3 and result["knn_after"]["n_val"] == 100
     assert 0 < result["knn_before"]["top1"]["20"] <= 100 and 0 < result["knn_after"]["top1"]["20"] <= 100
+    for key in ("linear_before", "linear_after", "linear_raw_pixels"):
+        assert 0 < result[key]["top1"] <= 100
+        assert (result[key]["n_train"], result[key]["n_test"]) == (300, 100)
+    assert result["linear_raw_pixels"]["feature_dim"] == 28 * 28 and result["linear_after"]["max_iter"] == 50
 
 
 def test_train_help_and_top_level_help():
@@ -64,11 +71,11 @@ def test_every_command_reports_a_user_error_in_one_line_with_exit_2(tmp_path, ca
 def test_quickstart_stopped_by_a_signal_exits_143_without_evaluating(tmp_path, monkeypatch, capsys):
     import signal
 
-    from dino_bridge import cli
-    from dino_bridge.eval import run_knn
+    from dino_bridge import cli, quickstart
     from dino_bridge.train import loop
 
-    monkeypatch.setattr(run_knn, "knn_eval", lambda *a, **k: {"top1": {"20": 50.0}})
+    figures = {"knn": {"top1": {"20": 50.0}}, "linear": {"top1": 60.0}, "pixels_linear": {"top1": 70.0}}
+    monkeypatch.setattr(quickstart, "_evaluate", lambda *a, **k: figures)
     monkeypatch.setattr(loop, "train", lambda *a, **k: {"stopped_at": 7, "stopped_by": signal.SIGTERM})
     assert cli.main(["quickstart", "--output-dir", str(tmp_path / "qs")]) == 143
     out = capsys.readouterr().out

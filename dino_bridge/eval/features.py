@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,7 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __init__(self, source, transform, indices: np.ndarray | None = None):
         if getattr(source, "labels", None) is None:
-            raise ValueError(f"{type(source).__name__} has no labels; kNN needs labelled data")
+            raise ValueError(f"{type(source).__name__} has no labels; evaluation needs labelled data")
         self.source = source
         self.transform = transform
         self.indices = np.arange(len(source)) if indices is None else indices
@@ -142,7 +144,54 @@ def subset_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray | Non
     return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
 
 
+Embed = Callable[[nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def cls_embedding(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{"cls": the L2-normalised CLS [B, D]} (the kNN feature: ``model(images)``)."""
+    return {"cls": torch.nn.functional.normalize(model(images).float(), dim=1)}
+
+
 @torch.no_grad()
+def extract_feature_sets(
+    model: nn.Module,
+    source,
+    transform,
+    embed: Embed = cls_embedding,
+    *,
+    indices: np.ndarray | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({name: features [n, ·] on CPU} as ``embed(model, images)`` names them, labels [n]).
+
+    One pass over the images computes every feature set ``embed`` returns (the quickstart's kNN
+    and linear features come from the same forward)."""
+    loader = torch.utils.data.DataLoader(
+        LabelledImages(source, transform, indices),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    model = model.to(device).eval()
+    feats, labels, skipped = {}, [], 0
+    for images, batch_labels, errors in loader:
+        for err in errors:
+            logger.warning("eval: skipped %s", err)
+        skipped += len(errors)
+        if images is None:
+            continue
+        for name, out in embed(model, images.to(device)).items():
+            feats.setdefault(name, []).append(out.float().cpu())
+        labels.append(batch_labels)
+    if not labels:
+        raise ValueError("no readable images to evaluate")
+    if skipped:
+        logger.warning("eval: %d unreadable images skipped", skipped)
+    return {name: torch.cat(parts) for name, parts in feats.items()}, torch.cat(labels)
+
+
 def extract_features(
     model: nn.Module,
     source,
@@ -154,28 +203,57 @@ def extract_features(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L2-normalised CLS features [n, D] on CPU, labels [n])."""
-    loader = torch.utils.data.DataLoader(
-        LabelledImages(source, transform, indices),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
+    feats, labels = extract_feature_sets(
+        model, source, transform, indices=indices, batch_size=batch_size, num_workers=num_workers,
+        device=device,
+    )  # fmt: skip
+    return feats["cls"], labels
+
+
+@dataclass
+class LabelledFeatures:
+    """Features of a labelled train and val set, val labels in the train set's class indices."""
+
+    train: dict[str, torch.Tensor]  # name -> [n_train, ·]
+    train_labels: torch.Tensor  # [n_train]
+    val: dict[str, torch.Tensor]  # name -> [n_val, ·]
+    val_labels: torch.Tensor  # [n_val]
+    classes: list[str]  # the train set's class names
+
+
+def labelled_features(
+    model: nn.Module,
+    spec: dict,
+    train: str,
+    val: str,
+    embed: Embed = cls_embedding,
+    *,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
+    image_size: int | None = None,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> LabelledFeatures:
+    """Embed ``train`` and ``val`` (image folders or demo names, seeded subsets of ``limit_*``
+    images) with the checkpoint's eval transform; val classes are matched to train's by name."""
+    transform = eval_transform_for(spec, image_size)
+    train_source = labelled_source(train, "train")
+    val_source = match_classes(train_source, labelled_source(val, "test"))  # by name, not position
+    common = dict(batch_size=batch_size, num_workers=num_workers, device=device)
+    train_indices = subset_indices(len(train_source), limit_train)
+    val_indices = subset_indices(len(val_source), limit_val, seed=1)
+    train_feats, train_labels = extract_feature_sets(
+        model, train_source, transform, embed, indices=train_indices, **common
     )
-    model = model.to(device).eval()
-    feats, labels, skipped = [], [], 0
-    for images, batch_labels, errors in loader:
-        for err in errors:
-            logger.warning("eval: skipped %s", err)
-        skipped += len(errors)
-        if images is None:
-            continue
-        out = model(images.to(device))
-        feats.append(torch.nn.functional.normalize(out.float(), dim=1).cpu())
-        labels.append(batch_labels)
-    if not feats:
-        raise ValueError("no readable images to evaluate")
-    if skipped:
-        logger.warning("eval: %d unreadable images skipped", skipped)
-    return torch.cat(feats), torch.cat(labels)
+    val_feats, val_labels = extract_feature_sets(
+        model, val_source, transform, embed, indices=val_indices, **common
+    )
+    unseen = sorted(set(val_labels.tolist()) - set(train_labels.tolist()))
+    if unseen:  # the class exists in the train folder, not in its subset: it cannot be predicted
+        names = ", ".join(repr(train_source.classes[i]) for i in unseen)
+        logger.warning("eval: no train image of val class(es) %s in the train subset used", names)
+    return LabelledFeatures(train_feats, train_labels, val_feats, val_labels, list(train_source.classes))
 
 
 def eval_transform_for(spec: dict, image_size: int | None = None) -> EvalTransform:

@@ -12,14 +12,7 @@ import torch
 from torch import nn
 
 from ..distributed.device import detect_device_type
-from .features import (
-    eval_transform_for,
-    extract_features,
-    labelled_source,
-    load_backbone,
-    match_classes,
-    subset_indices,
-)
+from .features import LabelledFeatures, labelled_features, load_backbone
 from .knn import DEFAULT_KS, knn_accuracy
 
 logger = logging.getLogger("dino_bridge")
@@ -60,31 +53,27 @@ def knn_eval(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict:
-    transform = eval_transform_for(spec, image_size)
-    train_source = labelled_source(train, "train")
-    val_source = match_classes(train_source, labelled_source(val, "test"))  # by name, not position
-    common = dict(batch_size=batch_size, num_workers=num_workers, device=device)
-    train_feats, train_labels = extract_features(
-        model, train_source, transform, indices=subset_indices(len(train_source), limit_train), **common
-    )
-    val_feats, val_labels = extract_features(
-        model, val_source, transform, indices=subset_indices(len(val_source), limit_val, seed=1), **common
-    )
-    unseen = sorted(set(val_labels.tolist()) - set(train_labels.tolist()))
-    if unseen:  # the class exists in the train folder, not in its subset: it cannot be predicted
-        names = ", ".join(repr(train_source.classes[i]) for i in unseen)
-        logger.warning("kNN: no train image of val class(es) %s in the train subset used", names)
+    data = labelled_features(
+        model, spec, train, val, limit_train=limit_train, limit_val=limit_val, image_size=image_size,
+        batch_size=batch_size, num_workers=num_workers, device=device,
+    )  # fmt: skip
+    return knn_summary(data, ks=ks, temperature=temperature)
+
+
+def knn_summary(data: LabelledFeatures, *, ks=DEFAULT_KS, temperature: float = 0.07) -> dict:
+    """The kNN figures of ``data``'s L2-normalised ``cls`` features, JSON-ready."""
     acc = knn_accuracy(
-        train_feats, train_labels, val_feats, val_labels, ks=tuple(ks), temperature=temperature
-    )
-    n_train = int(train_feats.shape[0])
+        data.train["cls"], data.train_labels, data.val["cls"], data.val_labels, ks=tuple(ks),
+        temperature=temperature,
+    )  # fmt: skip
+    n_train = int(data.train_labels.shape[0])
     return {
         "top1": {str(k): v for k, v in acc.items()},
         "k_used": {str(k): min(int(k), n_train) for k in ks},
         "n_train": n_train,
-        "n_val": int(val_feats.shape[0]),
-        "n_classes": len(train_source.classes),
-        "n_val_classes": len(set(val_labels.tolist())),
+        "n_val": int(data.val_labels.shape[0]),
+        "n_classes": len(data.classes),
+        "n_val_classes": len(set(data.val_labels.tolist())),
         "temperature": temperature,
     }
 

@@ -229,6 +229,66 @@ class DinoVisionTransformer(nn.Module):
         outputs = [self._outputs(t, m, loc) for t, m, loc in zip(tokens, mask_list, local_list)]
         return outputs if is_list else outputs[0]
 
+    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
+        """``n`` as sorted block indices: an int is the last n blocks, a sequence names blocks."""
+        depth = len(self.blocks)
+        if isinstance(n, bool) or not isinstance(n, (int, Sequence)):
+            raise ValueError(f"n must be an int or a sequence of block indices, got {n!r}")
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n} blocks requested but the backbone has {depth} (1 <= n <= {depth})")
+            return list(range(depth - n, depth))
+        indices = list(n)
+        if not indices:
+            raise ValueError("n is an empty sequence of block indices")
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} are not in [0, {depth - 1}] (the backbone has {depth})")
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"block indices {indices} repeat a block")
+        return sorted(indices)
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Patch-token outputs of chosen blocks (the DINOv2/DINOv3 probe API).
+
+        ``n``: an int (the last n blocks) or a sequence of block indices in [0, depth); outputs come
+        in increasing block order. ``norm``: apply the final norm(s) as ``forward_features`` does
+        (the CLS through ``cls_norm`` when untied), so the last block with ``norm=True`` gives its
+        ``x_norm_patchtokens`` / ``x_norm_clstoken``. Storage tokens are dropped.
+
+        Returns a tuple with one entry per block: patch tokens [B, hw, D], or [B, D, h, w] with
+        ``reshape``; each entry is a (patch tokens, CLS [B, D]) pair with ``return_class_token``.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError("get_intermediate_layers takes one image batch [B, C, H, W], not a list")
+        wanted = self._block_indices(n)
+        h, w = self.patch_embed.grid_size(x.shape[-2], x.shape[-1])
+        tokens, rope = [self.prepare_tokens(x)], [self.rope_embed(h, w)]
+        kept = []
+        for index, block in enumerate(self.blocks[: wanted[-1] + 1]):  # later blocks are not needed
+            tokens = block(tokens, rope)
+            if index in wanted:
+                kept.append(tokens[0])
+        n_prefix = self.n_prefix_tokens
+        results = []
+        for out in kept:
+            if norm:
+                normed = self._outputs(out, None, local_crops=False)
+                cls, patches = normed["x_norm_clstoken"], normed["x_norm_patchtokens"]
+            else:
+                cls, patches = out[:, 0], out[:, n_prefix:]
+            if reshape:
+                patches = patches.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
+            results.append((patches, cls) if return_class_token else patches)
+        return tuple(results)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The evaluation feature: the final-normed CLS token, [B, C, H, W] → [B, D]."""
         return self.forward_features(x)["x_norm_clstoken"]
