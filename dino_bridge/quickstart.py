@@ -62,6 +62,21 @@ def _evaluate(model, spec, args, pixels: bool = False) -> dict:
     return results
 
 
+def _precision_for(cfg, device, args):
+    """The recipe's bf16 where it is fast; fp32 on a CPU that emulates bf16 (AVX2 only: ~40x slower),
+    unless the command line asked for a precision itself."""
+    from .distributed.device import cpu_has_fast_bf16
+
+    asked = any(opt.split("=", 1)[0] == "compute_precision.param_dtype" for opt in args.opts)
+    if device.type != "cpu" or cfg.compute_precision.param_dtype != "bf16" or asked or cpu_has_fast_bf16():
+        return cfg
+    print(
+        "no native bf16 on this CPU (no AVX-512/AMX): training in fp32 (compute_precision.param_dtype=fp32)",
+        flush=True,
+    )
+    return load_config(args.config_file, [*args.opts, "compute_precision.param_dtype=fp32"])
+
+
 def main(args: argparse.Namespace) -> int:
     from .data import FashionMNIST
     from .distributed.device import setup_runtime, shutdown_runtime
@@ -81,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"raw pixels (the baseline): linear top-1 = {before['pixels_linear']['top1']:.2f}%", flush=True)
 
     runtime = setup_runtime(str(cfg.MODEL.DEVICE))
+    cfg = _precision_for(cfg, runtime.device, args)
     try:
         summary = train(cfg, runtime, output, resume=not args.no_resume)
     finally:

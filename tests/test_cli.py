@@ -95,3 +95,46 @@ def test_our_own_bugs_keep_their_traceback(monkeypatch):
     monkeypatch.setattr(run_knn, "main", broken)
     with pytest.raises(RuntimeError, match="a bug of ours"):
         cli.main(["eval", "knn", "--checkpoint", "c", "--train", "t", "--val", "v"])
+
+
+def test_quickstart_trains_in_fp32_on_a_cpu_that_emulates_bf16(monkeypatch, capsys):
+    """On an AVX2-only CPU bf16 matmuls are emulated (~40x slower): the quickstart switches its recipe
+    to fp32 and says so, unless the command line chose a precision; the trainer warns either way."""
+    import argparse
+    import logging
+
+    import torch
+
+    from dino_bridge import quickstart
+    from dino_bridge.config import load_config
+    from dino_bridge.distributed import device as device_module
+    from dino_bridge.train import build
+
+    assert isinstance(device_module.cpu_has_fast_bf16(), bool)
+    config_file = str(quickstart.REPO_CONFIGS / "quickstart.yaml")
+    cfg = load_config(config_file, [])
+    assert cfg.compute_precision.param_dtype == "bf16"
+    cpu = torch.device("cpu")
+
+    def precision(opts, fast):
+        monkeypatch.setattr(device_module, "cpu_has_fast_bf16", lambda: fast)
+        args = argparse.Namespace(config_file=config_file, opts=opts)
+        chosen = quickstart._precision_for(load_config(config_file, opts), cpu, args)
+        return chosen.compute_precision.param_dtype
+
+    assert precision([], fast=True) == "bf16"
+    assert capsys.readouterr().out == ""
+    assert precision([], fast=False) == "fp32"
+    assert "no native bf16" in capsys.readouterr().out
+    assert precision(["compute_precision.param_dtype=bf16"], fast=False) == "bf16"  # the user's choice
+
+    monkeypatch.setattr(build, "cpu_has_fast_bf16", lambda: False)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("dino_bridge").addHandler(handler)
+    try:
+        build.parallel_plan(cfg, 1, cpu)
+    finally:
+        logging.getLogger("dino_bridge").removeHandler(handler)
+    assert any("without native bf16" in r.getMessage() for r in records)

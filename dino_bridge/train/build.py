@@ -25,6 +25,7 @@ from ..data import (
     num_masked_patches_per_image,
 )
 from ..data.invariance import InvarianceSettings, InvarianceViews
+from ..distributed.device import cpu_has_fast_bf16
 from ..distributed.parallelize import ParallelPlan
 from ..models import DINOHead, build_vit
 from ..models.bridge import InversePatchEmbed
@@ -125,6 +126,11 @@ def parallel_plan(cfg: DictConfig, world_size: int, device: torch.device) -> Par
     if cp.parallel == "fsdp" and world_size == 1:
         logger.info("compute_precision.parallel=fsdp with one process: nothing to shard, plain training")
     ac = "off" if not cfg.train.checkpointing else ("full" if cfg.train.checkpointing_full else "selective")
+    if device.type == "cpu" and cp.param_dtype == "bf16" and not cpu_has_fast_bf16():
+        logger.warning(
+            "compute_precision.param_dtype=bf16 on a CPU without native bf16 (no AVX-512/AMX): bf16 "
+            "matmuls are emulated here, ~40x slower than fp32; set compute_precision.param_dtype=fp32"
+        )
     return ParallelPlan(
         fsdp=fsdp,
         reshard_after_forward=cp.sharding_strategy == "FULL_SHARD",
