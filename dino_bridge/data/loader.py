@@ -8,6 +8,7 @@ the sampler object runs ahead of training because workers prefetch.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -18,15 +19,18 @@ from dino_bridge.data.sampler import ShardedInfiniteSampler
 from dino_bridge.data.ssl_dataset import SSLTrainDataset
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A worker's ``worker_init_fn``: SIGINT and SIGTERM are the main process's to handle.
+def detach_from_stop_signals(worker_id: int) -> None:
+    """A worker's ``worker_init_fn``: stop signals sent to the whole process group stay the main
+    process's to handle.
 
-    Ctrl-C, ``timeout`` and schedulers (SLURM, ``kill -TERM -<pgid>``) signal the whole process group.
-    A worker that died of it would crash the main process's graceful stop ("DataLoader worker exited
-    unexpectedly") before its checkpoint; ignoring them, the workers keep serving until the main
-    process shuts them down (or exits: the DataLoader's watchdog ends workers whose parent is gone)."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    Ctrl-C, ``timeout`` and ``kill -TERM -<pgid>`` signal every process of the group; a worker that
+    died of it crashed the main process's graceful stop ("DataLoader worker exited unexpectedly")
+    before its checkpoint. A worker therefore leaves the group (its own process group) and ignores
+    SIGINT, but keeps SIGTERM's default: the DataLoader and multiprocessing's exit handler stop
+    workers with SIGTERM, and a worker that ignored it would hang the main process at exit. A
+    launcher that signals every process by pid (SLURM's step tracking) still reaches the workers."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_train_loader(
@@ -47,7 +51,7 @@ def build_train_loader(
     worker_options: dict[str, Any] = {}
     if num_workers > 0:
         worker_options["persistent_workers"] = True
-        worker_options["worker_init_fn"] = ignore_stop_signals
+        worker_options["worker_init_fn"] = detach_from_stop_signals
         if prefetch_factor is not None:
             worker_options["prefetch_factor"] = prefetch_factor
     return DataLoader(
