@@ -63,7 +63,7 @@ def _evaluate(model, spec, args, pixels: bool = False) -> dict:
 
 
 def _precision_for(cfg, device, args):
-    """The recipe's bf16 where it is fast; fp32 on a CPU that emulates bf16 (AVX2 only: ~40x slower),
+    """The recipe's bf16 where it is fast; fp32 on a CPU that emulates bf16 (AVX2 only: 75-125x slower),
     unless the command line asked for a precision itself."""
     from .distributed.device import cpu_has_fast_bf16
 

@@ -98,7 +98,7 @@ def test_our_own_bugs_keep_their_traceback(monkeypatch):
 
 
 def test_quickstart_trains_in_fp32_on_a_cpu_that_emulates_bf16(monkeypatch, capsys):
-    """On an AVX2-only CPU bf16 matmuls are emulated (~40x slower): the quickstart switches its recipe
+    """On an AVX2-only CPU bf16 matmuls are emulated (75-125x slower): the quickstart switches its recipe
     to fp32 and says so, unless the command line chose a precision; the trainer warns either way."""
     import argparse
     import logging

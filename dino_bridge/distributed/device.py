@@ -33,9 +33,9 @@ def _npu_available() -> bool:
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls in hardware (oneDNN's check: AVX-512 or AMX).
 
-    Without it (AVX2-only CPUs: many laptops, some cloud VMs) a bf16 matmul is emulated, ~40x slower
-    than fp32 (measured 271 ms vs 6.3 ms for 512x512 on an AVX2-only AMD EPYC), so bf16 training on
-    such a CPU is a trap rather than a saving."""
+    Without it (AVX2-only CPUs: many laptops, some cloud VMs) a bf16 matmul is emulated, 75-125x
+    slower than fp32 (benchmarks/bench_cpu_bf16.py, 512x512 on an AVX2-only AMD EPYC), so bf16
+    training on such a CPU is a trap rather than a saving."""
     try:
         probe = torch.ops.mkldnn._is_mkldnn_bf16_supported
     except (AttributeError, RuntimeError):  # a build without the probe: assume what the config says

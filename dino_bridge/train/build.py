@@ -129,7 +129,7 @@ def parallel_plan(cfg: DictConfig, world_size: int, device: torch.device) -> Par
     if device.type == "cpu" and cp.param_dtype == "bf16" and not cpu_has_fast_bf16():
         logger.warning(
             "compute_precision.param_dtype=bf16 on a CPU without native bf16 (no AVX-512/AMX): bf16 "
-            "matmuls are emulated here, ~40x slower than fp32; set compute_precision.param_dtype=fp32"
+            "matmuls are emulated here, 75-125x slower than fp32; set compute_precision.param_dtype=fp32"
         )
     return ParallelPlan(
         fsdp=fsdp,

@@ -11,7 +11,7 @@ from dino_bridge.distributed.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "bench_step.py"
-# bf16 is emulated on a CPU without AVX-512/AMX (~40x slower): the smoke runs there take fp32
+# bf16 is emulated on a CPU without AVX-512/AMX (75-125x slower): the smoke runs there take fp32
 DTYPE = [] if cpu_has_fast_bf16() else ["--dtype", "fp32"]
 STAGES = {"teacher forward + targets", "student forward", "losses", "backward", "optimizer step", "EMA"}
 

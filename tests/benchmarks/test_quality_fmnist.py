@@ -11,7 +11,7 @@ from dino_bridge.distributed.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "quality_fmnist.py"
-# bf16 is emulated on a CPU without AVX-512/AMX (~40x slower): the smoke run there takes fp32
+# bf16 is emulated on a CPU without AVX-512/AMX (75-125x slower): the smoke run there takes fp32
 FP32 = [] if cpu_has_fast_bf16() else ["compute_precision.param_dtype=fp32"]
 QUICK = [sys.executable, str(SCRIPT), *FP32, "--quick", "--variants", "sinkhorn", "dtch_s1_one_batch"]
 
