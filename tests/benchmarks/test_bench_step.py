@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dino_bridge.distributed.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +43,7 @@ def test_quick_run_times_steps_fills_dtch_and_profiles(tmp_path: Path) -> None:
     assert report["profile"]["top_ops"]["self_cpu_time_total"]
 
 
+@pytest.mark.slow
 def test_quick_run_with_every_stream_on(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--threads", "1", "--json", str(out)]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dino_bridge.distributed.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +22,7 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*QUICK, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_quick_run_tables_each_variant_and_resume_keeps_finished_runs(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     first = run(["--json", str(out)], tmp_path)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.distributed_utils import spawn
 from tests.helpers import LOSS_KEYS, read_metrics, tiny_config
 from tests.source_files import write_shards
@@ -36,6 +38,7 @@ def _losses(out):
     return {r["iteration"]: [r[k] for k in LOSS_KEYS] for r in read_metrics(out)}
 
 
+@pytest.mark.slow
 def test_shards_on_two_ranks_are_disjoint_and_resume_exactly(tmp_path):
     write_shards(tmp_path / "shards", counts=(12, 12, 12))
     pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, SEED_YAML, make_image_folder, read_metrics
 
 # Only the overrides the foundation issue allows: sizes, lengths, workers, the data list.
@@ -111,6 +113,7 @@ AUX = (
 )
 
 
+@pytest.mark.slow
 def test_seed_yaml_streams_switch_on_and_resume_exactly_under_torchrun(tmp_path):
     """The seed's streams with zero_epochs=1 (on from iteration 3 of 8): stopped at 2, before the
     switch-on point, then resumed past it, the per-step losses equal an uninterrupted run's."""
