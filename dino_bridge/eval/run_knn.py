@@ -11,30 +11,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed.device import detect_device_type
-from .features import LabelledFeatures, labelled_features, load_backbone
+from .eval_args import add_labelled_eval_arguments, load_for_eval
+from .features import LabelledFeatures, labelled_features
 from .knn import DEFAULT_KS, knn_accuracy
 
 logger = logging.getLogger("dino_bridge")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, its ckpt/ folder, or a run dir")
-    p.add_argument("--train", required=True, help="labelled train images: an image folder or a demo name")
-    p.add_argument("--val", required=True, help="labelled val images: an image folder or a demo name")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher")
-    p.add_argument(
-        "--image-size", type=int, default=None, help="eval crop size (default: the global crop size)"
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument(
-        "--limit-train", type=int, default=None, help="use a seeded subset of this many train images"
-    )
-    p.add_argument("--limit-val", type=int, default=None, help="use a seeded subset of this many val images")
+    add_labelled_eval_arguments(p)
     p.add_argument("--ks", type=int, nargs="+", default=list(DEFAULT_KS))
     p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
 
 
@@ -79,23 +66,9 @@ def knn_summary(data: LabelledFeatures, *, ks=DEFAULT_KS, temperature: float = 0
 
 
 def main(args: argparse.Namespace) -> int:
-    device, _ = detect_device_type(args.device)
-    model, spec = load_backbone(args.checkpoint, args.which)
+    model, spec, reading = load_for_eval(args)
     start = time.perf_counter()
-    result = knn_eval(
-        model,
-        spec,
-        args.train,
-        args.val,
-        ks=args.ks,
-        temperature=args.temperature,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-    )
+    result = knn_eval(model, spec, args.train, args.val, ks=args.ks, temperature=args.temperature, **reading)
     result.update(checkpoint=spec["checkpoint"], which=args.which, train=args.train, val=args.val)
     sizes = f"{result['n_val']} val / {result['n_train']} train images"
     classes = f"{result['n_classes']} classes ({result['n_val_classes']} in val)"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..distributed.device import detect_device_type
-from .features import Embed, LabelledFeatures, labelled_features, load_backbone
+from .eval_args import add_labelled_eval_arguments, load_for_eval
+from .features import Embed, LabelledFeatures, labelled_features
 from .linear import DEFAULT_L2_GRID, check_probe_settings, linear_probe
 
 logger = logging.getLogger("dino_bridge")
@@ -121,10 +121,7 @@ def linear_eval(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder, its ckpt/ folder, or a run dir")
-    p.add_argument("--train", required=True, help="labelled train images: an image folder or a demo name")
-    p.add_argument("--val", required=True, help="labelled val images: an image folder or a demo name")
-    p.add_argument("--which", choices=("teacher", "student"), default="teacher")
+    add_labelled_eval_arguments(p)
     p.add_argument("--features", choices=FEATURES, default="cls+avgpool",
                    help="the CLS of each block used, or also the last block's mean patch token")  # fmt: skip
     p.add_argument("--blocks", type=int, choices=(1, 4), default=1, help="use the last 1 or 4 blocks")
@@ -133,41 +130,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.2, help="train share held out to choose L2")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--max-iter", type=int, default=500, help="L-BFGS iterations per fit at most")
-    p.add_argument(
-        "--image-size", type=int, default=None, help="eval crop size (default: the global crop size)"
-    )
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument(
-        "--limit-train", type=int, default=None, help="use a seeded subset of this many train images"
-    )
-    p.add_argument("--limit-val", type=int, default=None, help="use a seeded subset of this many val images")
-    p.add_argument("--device", default="auto")
     p.add_argument("--output", default=None, help=f"results JSON (default: {RESULTS_FILE} in the checkpoint)")
 
 
 def main(args: argparse.Namespace) -> int:
-    device, _ = detect_device_type(args.device)
-    model, spec = load_backbone(args.checkpoint, args.which)
+    model, spec, reading = load_for_eval(args)
     start = time.perf_counter()
     result = linear_eval(
-        model,
-        spec,
-        args.train,
-        args.val,
-        features=args.features,
-        blocks=args.blocks,
-        grid=args.l2_grid,
-        holdout_fraction=args.holdout_fraction,
-        seed=args.seed,
-        max_iter=args.max_iter,
-        limit_train=args.limit_train,
-        limit_val=args.limit_val,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=device,
-    )
+        model, spec, args.train, args.val, features=args.features, blocks=args.blocks, grid=args.l2_grid,
+        holdout_fraction=args.holdout_fraction, seed=args.seed, max_iter=args.max_iter, **reading,
+    )  # fmt: skip
     result.update(checkpoint=spec["checkpoint"], which=args.which, train=args.train, val=args.val)
     output = Path(args.output) if args.output else Path(spec["checkpoint"]) / RESULTS_FILE
     output.write_text(json.dumps(result, indent=2) + "\n")
