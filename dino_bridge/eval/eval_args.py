@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from torch import nn
 
 from ..distributed.device import detect_device_type
 from .features import load_backbone
 
 
-def add_labelled_eval_arguments(p: argparse.ArgumentParser, batch_size: int = 256) -> None:
+def add_labelled_eval_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint/--which, --train/--val and how their images are read (sizes, subsets, device)."""
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder, its ckpt/ folder, or a run dir")
     p.add_argument("--train", required=True, help="labelled train images: an image folder or a demo name")
@@ -22,7 +21,7 @@ def add_labelled_eval_arguments(p: argparse.ArgumentParser, batch_size: int = 25
     p.add_argument(
         "--image-size", type=int, default=None, help="eval crop size (default: the global crop size)"
     )
-    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument(
         "--limit-train", type=int, default=None, help="use a seeded subset of this many train images"
@@ -41,6 +40,6 @@ def load_for_eval(args: argparse.Namespace) -> tuple[nn.Module, dict, dict]:
         "image_size": args.image_size,
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
-        "device": torch.device(device),
+        "device": device,
     }
     return model, spec, reading
